@@ -40,7 +40,7 @@ def _is_candidate(value: ir.Value) -> bool:
         value.const_value is not None
         and not value.is_graph_input()
         and not value.is_graph_output()
-        and not value.dtype.is_string()
+        and not value.const_value.dtype.is_string()
     )
 
 
@@ -59,7 +59,8 @@ class DeduplicateInitializersPass(ir.passes.InPlacePass):
             if not _is_candidate(value):
                 continue
             array = value.const_value.numpy()
-            key = (value.dtype, tuple(array.shape), _digest(array))
+            dtype = value.const_value.dtype
+            key = (dtype, tuple(array.shape), _digest(array))
             match = kept.get(key)
             if match is not None and np.array_equal(match[1], array):
                 logger.info("initializer '%s' duplicates '%s': merged", value.name, match[0].name)
@@ -67,7 +68,7 @@ class DeduplicateInitializersPass(ir.passes.InPlacePass):
                 modified = True
                 continue
             if self.merge_transposed and array.ndim == 2 and array.size >= MIN_TRANSPOSED_ELEMENTS:
-                transposed_key = (value.dtype, tuple(array.shape[::-1]), _digest(array.T))
+                transposed_key = (dtype, tuple(array.shape[::-1]), _digest(array.T))
                 match = kept.get(transposed_key)
                 if match is not None and np.array_equal(match[1].T, array):
                     logger.info(
@@ -96,8 +97,8 @@ class DeduplicateInitializersPass(ir.passes.InPlacePass):
         )
         output = node.outputs[0]
         output.name = f"{name}/transposed"
-        output.dtype = source.dtype
-        output.shape = ir.Shape(list(source.shape)[::-1])
+        output.dtype = source.const_value.dtype
+        output.shape = ir.Shape(list(source.const_value.shape)[::-1])
         # Its only input is an initializer, so the graph's first position keeps it sorted.
         graph.insert_before(next(iter(graph)), node)
         return output

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models exported once per test session (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphq.verify import cpu_session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ.setdefault("GRAPHQ_CACHE", str(tmp_path_factory.mktemp("graphq-cache")))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from graphq.models.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    from graphq.models.tiny import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_onnx(tiny_llama_dir, tmp_path_factory) -> Path:
+    from graphq.export import export_model
+
+    return export_model(str(tiny_llama_dir), tmp_path_factory.mktemp("export") / "tiny").model_path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_past_onnx(tiny_llama_dir, tmp_path_factory) -> Path:
+    from graphq.export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("export") / "tiny-past"
+    return export_model(str(tiny_llama_dir), out, ExportConfig(with_past=True)).model_path
+
+
+def run_model(model: ir.Model | Path, feeds: dict[str, np.ndarray], tmp_path: Path) -> list[np.ndarray]:
+    """Run a model (saved to ``tmp_path`` first if it is in memory) on ORT's CPU EP, no optimisation."""
+    if isinstance(model, ir.Model):
+        path = tmp_path / f"run-{id(model)}.onnx"
+        ir.save(model, path)
+    else:
+        path = model
+    return cpu_session(path, optimization="disable").run(None, feeds)
+
+
+def sha256_tree(path: Path) -> dict[str, str]:
+    """Digest of every file under ``path`` (or of the file itself): proof that nothing changed."""
+    import hashlib
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
