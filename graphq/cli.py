@@ -97,6 +97,60 @@ def optimize(model: Path, output: Path) -> None:
     click.echo(f"wrote {output}")
 
 
+@app.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
+@click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
+              help="Built-in recipe (w8a8, w8a8-dynamic, w8a8-nosmooth, w8a8-trt) or a .json/.yaml recipe file.")
+@click.option("--alpha", type=float, default=None, help="SmoothQuant migration strength a in [0, 1].")
+@click.option("--no-smoothquant", is_flag=True, help="Disable SmoothQuant.")
+@click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,
+              help="Activation quantization: static per-tensor (calibrated) or dynamic per-token.")
+@click.option("--calib-windows", type=int, default=None, help="Calibration windows of wiki.valid.tokens.")
+@click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text file.")
+@click.option("--range", "range_method", type=click.Choice(["minmax", "percentile", "mse", "k_sigma"]), default=None,
+              help="Static activation range estimator.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")
+@click.option("--save-recipe", type=click.Path(path_type=Path), default=None, help="Also write the effective recipe (.json/.yaml).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, no_smoothquant: bool,
+             activations: str | None, calib_windows: int | None, calib_text: Path | None, range_method: str | None,
+             tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
+    """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
+    import dataclasses
+
+    from graphq.config import dump_recipe, load_recipe
+    from graphq.modelio import write_text_atomic
+    from graphq.passes.smoothquant import SmoothQuantConfig
+    from graphq.quantize import quantize_model
+
+    recipe = load_recipe(recipe_name)
+    if no_smoothquant:
+        recipe = dataclasses.replace(recipe, smoothquant=None)
+    elif alpha is not None:
+        recipe = dataclasses.replace(recipe, smoothquant=SmoothQuantConfig(alpha=alpha))
+    if activations is not None:
+        recipe = dataclasses.replace(recipe, activations=dataclasses.replace(recipe.activations, activation_scheme=activations))
+    if range_method is not None:
+        recipe = dataclasses.replace(recipe, activation_range=dataclasses.replace(recipe.activation_range, method=range_method))
+    calibration = recipe.calibration
+    if calib_windows is not None:
+        calibration = dataclasses.replace(calibration, windows=calib_windows)
+    if calib_text is not None:
+        calibration = dataclasses.replace(calibration, text_path=calib_text)
+    recipe = dataclasses.replace(recipe, calibration=calibration)
+    result = quantize_model(model, output, recipe, tokenizer_dir=tokenizer, overwrite=overwrite)
+    report = result.to_json()
+    write_text_atomic(output.with_suffix(".graphq.json"), json.dumps(report, indent=2) + "\n")
+    if save_recipe is not None:
+        write_text_atomic(save_recipe, dump_recipe(recipe, save_recipe))
+    click.echo(
+        f"quantized {len(report['quantized_nodes'])} MatMuls ({recipe.name}; {len(report['float_nodes'])} kept float; "
+        f"SmoothQuant on {len(result.smoothing)} activations) -> {output} in {result.seconds:.1f}s; "
+        f"ORT integer kernels: {result.integer_kernels}"
+    )
+
+
 @app.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--windows", type=int, default=40, show_default=True, help="Number of windows of WikiText-2 test.")

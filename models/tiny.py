@@ -44,6 +44,17 @@ def byte_tokenizer():
     )
 
 
+def _randomize_norms(model) -> None:
+    """Give every norm its own weights (fresh models have all-ones norms, which exporters then
+    share as one tensor: unlike any trained model)."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name.lower() and parameter.ndim == 1:
+                parameter.copy_(1.0 + 0.2 * torch.randn_like(parameter) if name.endswith("weight") else 0.1 * torch.randn_like(parameter))
+
+
 def make_tiny_llama(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """A random LlamaForCausalLM with tied embeddings, saved with its tokenizer."""
     import torch
@@ -65,6 +76,7 @@ def make_tiny_llama(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config).eval()
+    _randomize_norms(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
@@ -87,6 +99,7 @@ def make_tiny_bert(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path
     )
     torch.manual_seed(spec.seed)
     model = BertModel(config).eval()
+    _randomize_norms(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)

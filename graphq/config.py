@@ -1,0 +1,129 @@
+"""Typed quantization recipes, serialised to and from JSON/YAML.
+
+A recipe is a frozen dataclass tree; ``recipe_to_dict`` / ``recipe_from_dict`` convert it to plain
+data (with a ``format_version``), so ``--recipe`` takes either a built-in name (:data:`RECIPES`) or
+a ``.json`` / ``.yaml`` file holding that data. Unknown keys are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+from graphq.calibrate import CalibrationConfig
+from graphq.errors import GraphqError
+from graphq.numerics.calibration import RangeEstimator
+from graphq.passes.keep_float import KeepFloatPolicy
+from graphq.passes.qdq_insert import QdqConfig
+from graphq.passes.smoothquant import SmoothQuantConfig
+
+RECIPE_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8Recipe:
+    """Int8 weights (symmetric, per output channel) and int8 activations on every planned MatMul."""
+
+    name: str = "w8a8"
+    smoothquant: SmoothQuantConfig | None = SmoothQuantConfig(alpha=0.5)
+    activations: QdqConfig = QdqConfig(activation_scheme="static")
+    activation_range: RangeEstimator = RangeEstimator(method="minmax")
+    calibration: CalibrationConfig = CalibrationConfig(windows=32)
+    keep_float: KeepFloatPolicy = KeepFloatPolicy()
+    # Regular expressions (re.search) on node names: matching MatMuls stay float.
+    float_nodes: tuple[str, ...] = ()
+
+
+RECIPES: dict[str, W8A8Recipe] = {
+    "w8a8": W8A8Recipe(),
+    "w8a8-dynamic": W8A8Recipe(name="w8a8-dynamic", activations=QdqConfig(activation_scheme="dynamic-token")),
+    "w8a8-nosmooth": W8A8Recipe(name="w8a8-nosmooth", smoothquant=None),
+    "w8a8-trt": W8A8Recipe(name="w8a8-trt", activations=QdqConfig(activation_scheme="static", target="tensorrt")),
+}
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list, frozenset, set)):
+        items = [_to_plain(v) for v in value]
+        return sorted(items) if isinstance(value, (frozenset, set)) else items
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def recipe_to_dict(recipe: W8A8Recipe) -> dict:
+    return {"format_version": RECIPE_FORMAT_VERSION, "kind": "w8a8", **_to_plain(recipe)}
+
+
+def _from_plain(annotation, data, where: str):
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if data is None:
+            return None
+        return _from_plain(options[0], data, where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(data, dict):
+            raise GraphqError(f"recipe: '{where}' must be a mapping")
+        hints = typing.get_type_hints(annotation)
+        names = {f.name for f in dataclasses.fields(annotation) if f.init}
+        unknown = set(data) - names
+        if unknown:
+            raise GraphqError(f"recipe: unknown key(s) {sorted(unknown)} in '{where}'")
+        return annotation(**{k: _from_plain(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+    if origin in (tuple, frozenset):
+        return origin(data)
+    if annotation is Path:
+        return Path(data)
+    return data
+
+
+def recipe_from_dict(data: dict) -> W8A8Recipe:
+    data = dict(data)
+    version = data.pop("format_version", RECIPE_FORMAT_VERSION)
+    kind = data.pop("kind", "w8a8")
+    if version != RECIPE_FORMAT_VERSION:
+        raise GraphqError(f"recipe: format_version {version} is not supported (expected {RECIPE_FORMAT_VERSION})")
+    if kind != "w8a8":
+        raise GraphqError(f"recipe: kind '{kind}' is not supported yet (supported: w8a8)")
+    try:
+        return _from_plain(W8A8Recipe, data, "recipe")
+    except TypeError as error:
+        raise GraphqError(f"recipe: {error}") from error
+
+
+def load_recipe(name_or_path: str) -> W8A8Recipe:
+    """A built-in recipe by name, or a recipe file (.json, .yaml, .yml)."""
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise GraphqError(f"unknown recipe '{name_or_path}' (built-in: {', '.join(RECIPES)}; or a .json/.yaml file)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as error:  # json and yaml raise their own error types
+        raise GraphqError(f"{path}: cannot parse the recipe ({str(error).splitlines()[0]})") from error
+    if not isinstance(data, dict):
+        raise GraphqError(f"{path}: a recipe file must hold a mapping")
+    return recipe_from_dict(data)
+
+
+def dump_recipe(recipe: W8A8Recipe, path: Path) -> str:
+    """Text of the recipe as JSON or YAML (by the suffix of ``path``)."""
+    data = recipe_to_dict(recipe)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_dump(data, sort_keys=False)
+    return json.dumps(data, indent=2) + "\n"

@@ -1,0 +1,168 @@
+"""W8A8 quantization of an ONNX language model, end to end.
+
+1. Load the float graph; find the MatMuls with constant weights and build the plan (node name ->
+   ``int8`` | ``float``; a recipe's ``float_nodes`` patterns stay float). The keep-float policy
+   (Softmax, norms, residual Adds) is resolved on the float graph.
+2. Calibrate on windows of ``wiki.valid.tokens`` (never the test text): per-channel ranges of every
+   planned MatMul input.
+3. SmoothQuant (if the recipe has it) folds ``s`` into norm weights / producer weights / an explicit
+   Mul. For static activations, the smoothed graph is calibrated again so that ranges describe the
+   activations the quantizer will actually see.
+4. Insert int8 weights and activations; clean up; check that no kept node reads quantized data.
+5. Save to a staging folder, verify (``onnx.checker``, ORT session, integer MatMul kernels in ORT's
+   optimised graph), then move into place. Nothing is written at the output path before that.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphq.calibrate import calibration_windows, collect_statistics
+from graphq.config import W8A8Recipe, recipe_to_dict
+from graphq.errors import GraphqError, OutputPathError, VerificationError
+from graphq.evaluate import load_tokenizer
+from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
+from graphq.passes.cleanup import CleanupPass
+from graphq.passes.keep_float import keep_float_violations, kept_nodes
+from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, quantizable_matmuls
+from graphq.passes.smoothquant import SmoothQuantPass
+from graphq.verify import verify_model_file
+
+logger = logging.getLogger(__name__)
+
+INTEGER_MATMUL_KERNELS = frozenset({"MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul"})
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+              "generation_config.json", "chat_template.jinja")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeResult:
+    model_path: Path
+    recipe: W8A8Recipe
+    plan: dict[str, str]
+    smoothing: dict[str, str]
+    integer_kernels: dict[str, int]
+    kept_float_nodes: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {
+            "model_path": str(self.model_path),
+            "recipe": recipe_to_dict(self.recipe),
+            "quantized_nodes": sorted(n for n, p in self.plan.items() if p == INT8),
+            "float_nodes": sorted(n for n, p in self.plan.items() if p == FLOAT),
+            "smoothquant": self.smoothing,
+            "integer_kernels_in_ort_graph": self.integer_kernels,
+            "kept_float_nodes": self.kept_float_nodes,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def build_plan(model: ir.Model, recipe: W8A8Recipe) -> dict[str, str]:
+    """int8 for every constant-weight MatMul, float for those matching ``recipe.float_nodes``."""
+    patterns = [re.compile(p) for p in recipe.float_nodes]
+    plan = {}
+    for node in quantizable_matmuls(model):
+        plan[node.name] = FLOAT if any(p.search(node.name) for p in patterns) else INT8
+    return plan
+
+
+def ort_kernel_counts(model_path: Path) -> dict[str, int]:
+    """Op-type counts of the graph ONNX Runtime's CPU EP actually runs after its optimisations."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        optimized = Path(tmp) / "optimized.onnx"
+        options.optimized_model_filepath = str(optimized)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        proto = onnx.load(str(optimized), load_external_data=False)
+        return dict(collections.Counter(node.op_type for node in proto.graph.node))
+
+
+def _activation_inputs(model: ir.Model, plan: dict[str, str]) -> list[str]:
+    nodes = {node.name: node for node in model.graph}
+    return list(dict.fromkeys(nodes[name].inputs[0].name for name, p in plan.items() if p == INT8))
+
+
+def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
+                   tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
+    """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx)."""
+    start = time.perf_counter()
+    source = resolve_model_file(model)
+    output = Path(output)
+    check_output_path(output, [source, source.with_name(source.name + ".data")])
+    if output.suffix != ".onnx":
+        raise OutputPathError(f"output path {output} must end in .onnx")
+    if output.exists() and not overwrite:
+        raise OutputPathError(f"output {output} already exists; pass --overwrite to replace it")
+    graph = load_model(source)
+    plan = build_plan(graph, recipe)
+    if not any(p == INT8 for p in plan.values()):
+        raise GraphqError(f"{source}: no MatMul with a constant weight to quantize (nothing for W8A8 to do)")
+    kept = kept_nodes(graph, recipe.keep_float)
+    kept_names = frozenset(node.name for node in kept)
+    tokenizer = load_tokenizer(source, tokenizer_dir)
+    windows = calibration_windows(tokenizer, recipe.calibration)
+    calib = recipe.calibration
+    static = recipe.activations.activation_scheme == "static"
+    smoothing: dict[str, str] = {}
+    ranges: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="graphq-quantize-") as tmp:
+        stats = None
+        if recipe.smoothquant is not None or static:
+            stats = collect_statistics(source, _activation_inputs(graph, plan), windows, threads=calib.threads,
+                                       histogram_bins=calib.histogram_bins, progress=progress)
+        if recipe.smoothquant is not None:
+            smooth = SmoothQuantPass({n: s.channel_abs_max for n, s in stats.items()}, recipe.smoothquant)
+            graph = smooth(graph).model
+            smoothing = smooth.applied
+            if static:
+                smoothed_path = Path(tmp) / "smoothed.onnx"
+                save_model(graph, smoothed_path)
+                graph = load_model(smoothed_path)
+                stats = collect_statistics(smoothed_path, _activation_inputs(graph, plan), windows, threads=calib.threads,
+                                           histogram_bins=calib.histogram_bins, progress=progress)
+        if static:
+            ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in stats.items()}
+        qdq = QdqInsertionPass(plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names)
+        graph = qdq(graph).model
+        graph = CleanupPass()(graph).model
+        violations = keep_float_violations(n for n in graph.graph if n.name in kept_names)
+        if violations:
+            raise VerificationError(f"keep-float policy violated: {violations[0]} (and {len(violations) - 1} more)")
+        graph.metadata_props["graphq.recipe"] = json.dumps(recipe_to_dict(recipe), default=str)
+        with staging_dir(output) as staging:
+            staged = staging / output.name
+            save_model(graph, staged)
+            verify_model_file(staged)
+            kernels = ort_kernel_counts(staged)
+            integer = {op: count for op, count in kernels.items() if op in INTEGER_MATMUL_KERNELS}
+            if not integer:
+                raise VerificationError(f"ONNX Runtime runs no integer MatMul kernel on the quantized graph: {kernels}")
+            for item in staging.iterdir():
+                os.replace(item, output.parent / item.name)
+    if output.parent.resolve() != source.parent.resolve():
+        for name in SIDE_FILES:
+            if (source.parent / name).is_file() and not (output.parent / name).exists():
+                shutil.copy2(source.parent / name, output.parent / name)
+    result = QuantizeResult(model_path=output, recipe=recipe, plan=plan, smoothing=smoothing, integer_kernels=integer,
+                            kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start)
+    logger.info("quantized %d MatMuls in %.1fs; ORT integer kernels: %s", len(qdq.quantized), result.seconds, integer)
+    return result

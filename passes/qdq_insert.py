@@ -1,0 +1,231 @@
+"""Insert int8 quantization around the MatMuls a plan names.
+
+Weights (constant ``W [K, N]``, or ``Transpose`` of a constant as for a tied LM head) are
+quantized symmetrically per output column: ``W ~= s_w * Wq`` with ``Wq`` int8 in [-127, 127] and
+zero point 0 (:func:`graphq.numerics.quantize.per_column_weight_quantization`).
+
+Activations ``x`` (shared by every planned MatMul that reads them) follow one of two schemes:
+
+- ``static`` (per tensor, QDQ): ``DequantizeLinear(QuantizeLinear(x, s_x, z), s_x, z)`` with
+  ``s_x = r / 127`` for the calibrated range ``r``, feeding ``MatMul(., DQ(Wq))``. The zero point
+  ``z`` depends on the target (:data:`ACTIVATION_ZERO_POINTS`): int8 0 for TensorRT, uint8 128 (the
+  same symmetric grid, shifted) for ONNX Runtime's CPU EP, which then fuses every MatMul into
+  ``MatMulIntegerToFloat``.
+- ``dynamic-token`` (per token, computed at run time; CPU integer kernel): for each row ``t``
+  (token), ``s_t = max_k |x[t, k]| / 127``, ``xq = round(x / s_t) + 128`` as uint8 (symmetric values
+  shifted so ORT's fast u8 x s8 kernel applies), ``y = MatMulInteger(xq, Wq, 128) * s_t * s_w``.
+  Per-token scales follow each token's own range, which tames outlier tokens.
+
+A plan maps node names to ``"int8"`` or ``"float"``; nodes absent from it stay float. A planned
+node must be a MatMul with a constant 2-D weight and must not be kept in float by policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from graphq.errors import GraphqError
+from graphq.numerics.quantize import per_column_weight_quantization, symmetric_scale
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_SCHEMES = ("static", "dynamic-token")
+# Zero point of static activations per deployment target. Both encode the same symmetric grid
+# s * [-128, 127]: TensorRT requires int8 with zero point 0; ONNX Runtime's CPU EP fuses every
+# DQ -> MatMul into MatMulIntegerToFloat with uint8 + 128, but with int8 only where the quantized
+# tensor has a single consumer (its s8 -> u8 rewrite stops at shared tensors: measured 5 of 15).
+ACTIVATION_ZERO_POINTS = {
+    "cpu": np.array(128, dtype=np.uint8),
+    "tensorrt": np.array(0, dtype=np.int8),
+}
+INT8, FLOAT = "int8", "float"
+# Guards the per-token scale of an all-zero row (x / s with s = 0).
+MIN_TOKEN_SCALE = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class QdqConfig:
+    activation_scheme: str = "static"
+    target: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.activation_scheme not in ACTIVATION_SCHEMES:
+            raise GraphqError(f"activation scheme must be one of {ACTIVATION_SCHEMES}, got '{self.activation_scheme}'")
+        if self.target not in ACTIVATION_ZERO_POINTS:
+            raise GraphqError(f"target must be one of {tuple(ACTIVATION_ZERO_POINTS)}, got '{self.target}'")
+        if self.target == "tensorrt" and self.activation_scheme != "static":
+            raise GraphqError("the tensorrt target needs static activations (TensorRT consumes only QDQ)")
+
+
+def constant_weight(node: ir.Node) -> np.ndarray | None:
+    """W of ``MatMul(x, W)`` when W is a 2-D constant, or the transpose of one; else None."""
+    if node.op_type != "MatMul" or node.domain != "" or len(node.inputs) != 2:
+        return None
+    value = node.inputs[1]
+    if value is None or value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        array = value.const_value.numpy()
+        return array if array.ndim == 2 else None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose":
+        source = producer.inputs[0]
+        perm = producer.attributes.get_ints("perm", [1, 0])
+        if source.const_value is not None and not source.is_graph_input() and len(source.const_value.shape) == 2 and list(perm) == [1, 0]:
+            return source.const_value.numpy().T
+    return None
+
+
+def quantizable_matmuls(model: ir.Model) -> list[ir.Node]:
+    """MatMuls of the main graph whose second input is a constant 2-D weight (or its transpose)."""
+    return [node for node in model.graph if constant_weight(node) is not None]
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.dtype = value.const_value.dtype
+    value.shape = ir.Shape(list(array.shape))
+    graph.register_initializer(value)
+    return value
+
+
+class QdqInsertionPass(ir.passes.InPlacePass):
+    """Quantize the planned MatMuls to int8 weights and int8 activations."""
+
+    def __init__(self, plan: Mapping[str, str], config: QdqConfig = QdqConfig(), *,
+                 activation_abs_max: Mapping[str, float] | None = None, kept_node_names: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.plan = dict(plan)
+        self.config = config
+        self.activation_abs_max = dict(activation_abs_max or {})
+        self.kept_node_names = kept_node_names
+        self.quantized: list[str] = []
+
+    def requires(self, model: ir.Model) -> None:
+        nodes = {node.name: node for node in model.graph}
+        for name, precision in self.plan.items():
+            if precision not in (INT8, FLOAT):
+                raise GraphqError(f"plan: node '{name}' has precision '{precision}'; expected int8 or float")
+            if precision != INT8:
+                continue
+            if name not in nodes:
+                raise GraphqError(f"plan: node '{name}' is not in the graph")
+            if name in self.kept_node_names:
+                raise GraphqError(f"plan: node '{name}' ({nodes[name].op_type}) is kept in float by policy")
+            if constant_weight(nodes[name]) is None:
+                raise GraphqError(f"plan: node '{name}' ({nodes[name].op_type}) is not a MatMul with a constant weight")
+            if self.config.activation_scheme == "static" and nodes[name].inputs[0].name not in self.activation_abs_max:
+                raise GraphqError(f"plan: no calibrated range for '{nodes[name].inputs[0].name}' (input of '{name}')")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opset = model.opset_imports.get("", 18)
+        quantized_inputs: dict[str, ir.Value] = {}
+        for node in list(graph):
+            if self.plan.get(node.name) != INT8:
+                continue
+            weight = constant_weight(node)
+            weight_q, weight_scale = per_column_weight_quantization(weight)
+            stem = node.name.strip("/").replace("/", "_")
+            wq = _initializer(graph, f"{stem}.weight_int8", weight_q)
+            ws = _initializer(graph, f"{stem}.weight_scale", weight_scale)
+            x = node.inputs[0]
+            if self.config.activation_scheme == "static":
+                self._static(graph, node, x, wq, ws, quantized_inputs)
+            else:
+                self._dynamic_token(graph, node, x, wq, ws, quantized_inputs, opset)
+            self.quantized.append(node.name)
+        logger.info("qdq: %d MatMuls quantized to int8 (%s activations)", len(self.quantized), self.config.activation_scheme)
+        return ir.passes.PassResult(model, modified=bool(self.quantized))
+
+    def _static(self, graph, node, x, wq, ws, quantized_inputs) -> None:
+        if x.name not in quantized_inputs:
+            scale = _initializer(graph, f"{x.name}/act_scale", symmetric_scale(self.activation_abs_max[x.name]))
+            zero = _initializer(graph, f"{x.name}/act_zero_point", ACTIVATION_ZERO_POINTS[self.config.target])
+            q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{x.name}/QuantizeLinear")
+            q.outputs[0].name = f"{x.name}/quantized"
+            graph.insert_before(node, q)
+            quantized_inputs[x.name] = (q.outputs[0], scale, zero)
+        xq, scale, zero = quantized_inputs[x.name]
+        stem = wq.name.removesuffix(".weight_int8")
+        # One DequantizeLinear per consumer: a DQ -> MatMul pair becomes one integer kernel.
+        dq = ir.node("DequantizeLinear", [xq, scale, zero], name=f"{stem}/input_DequantizeLinear")
+        dq.outputs[0].name = f"{stem}.input_dequantized"
+        graph.insert_before(node, dq)
+        wzero = _initializer(graph, f"{stem}.weight_zero_point", np.zeros(ws.const_value.shape[0], dtype=np.int8))
+        dq_w = ir.node("DequantizeLinear", [wq, ws, wzero], attributes={"axis": 1}, name=f"{stem}/weight_DequantizeLinear")
+        dq_w.outputs[0].name = f"{stem}.weight_dequantized"
+        graph.insert_before(node, dq_w)
+        old_weight = node.inputs[1]
+        node.replace_input_with(0, dq.outputs[0])
+        node.replace_input_with(1, dq_w.outputs[0])
+        self._drop_if_unused(graph, old_weight)
+
+    def _dynamic_token(self, graph, node, x, wq, ws, quantized_inputs, opset) -> None:
+        if x.name not in quantized_inputs:
+            nodes, xq, x_scale = self._token_quantizer(graph, x, opset)
+            graph.insert_before(node, nodes)
+            quantized_inputs[x.name] = (xq, x_scale)
+        xq, x_scale = quantized_inputs[x.name]
+        stem = wq.name.removesuffix(".weight_int8")
+        a_zero = _initializer(graph, f"{stem}.act_zero_point", np.array(128, dtype=np.uint8))
+        matmul = ir.node("MatMulInteger", [xq, wq, a_zero], name=f"{stem}/MatMulInteger")
+        to_float = ir.node("Cast", [matmul.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{stem}/Cast")
+        scale_rows = ir.node("Mul", [to_float.outputs[0], x_scale], name=f"{stem}/token_scale")
+        scale_cols = ir.node("Mul", [scale_rows.outputs[0], ws], name=f"{stem}/weight_scale_mul")
+        for index, new in enumerate((matmul, to_float, scale_rows, scale_cols)):
+            new.outputs[0].name = f"{stem}/int8_{index}"
+        graph.insert_before(node, [matmul, to_float, scale_rows, scale_cols])
+        output = node.outputs[0]
+        result = scale_cols.outputs[0]
+        result.dtype, result.shape = output.dtype, output.shape
+        old_weight = node.inputs[1]
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if result.is_graph_output():  # keep the model's output names (e.g. "logits")
+            name = output.name
+            output.name = f"{name}/float_matmul"
+            result.name = name
+        self._drop_if_unused(graph, old_weight)
+
+    @staticmethod
+    def _token_quantizer(graph, x, opset):
+        name = x.name
+        c127 = _initializer(graph, f"{name}/c127", np.array(127.0, dtype=np.float32))
+        c128 = _initializer(graph, f"{name}/c128", np.array(128.0, dtype=np.float32))
+        eps = _initializer(graph, f"{name}/min_scale", np.array(MIN_TOKEN_SCALE, dtype=np.float32))
+        absolute = ir.node("Abs", [x], name=f"{name}/token_abs")
+        if opset >= 18:
+            axes = _initializer(graph, f"{name}/last_axis", np.array([-1], dtype=np.int64))
+            row_max = ir.node("ReduceMax", [absolute.outputs[0], axes], attributes={"keepdims": 1}, name=f"{name}/token_max")
+        else:
+            row_max = ir.node("ReduceMax", [absolute.outputs[0]], attributes={"axes": [-1], "keepdims": 1}, name=f"{name}/token_max")
+        scale = ir.node("Div", [row_max.outputs[0], c127], name=f"{name}/token_scale_raw")
+        safe_scale = ir.node("Max", [scale.outputs[0], eps], name=f"{name}/token_scale")
+        divided = ir.node("Div", [x, safe_scale.outputs[0]], name=f"{name}/token_divide")
+        rounded = ir.node("Round", [divided.outputs[0]], name=f"{name}/token_round")
+        shifted = ir.node("Add", [rounded.outputs[0], c128], name=f"{name}/token_shift")
+        as_uint8 = ir.node("Cast", [shifted.outputs[0]], attributes={"to": ir.DataType.UINT8}, name=f"{name}/token_uint8")
+        nodes = [absolute, row_max, scale, safe_scale, divided, rounded, shifted, as_uint8]
+        for index, new in enumerate(nodes):
+            new.outputs[0].name = f"{name}/token_q{index}"
+        return nodes, as_uint8.outputs[0], safe_scale.outputs[0]
+
+    @staticmethod
+    def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+        if value.uses() or value.is_graph_output():
+            return
+        producer = value.producer()
+        if producer is not None:  # Transpose of a tied embedding
+            source = producer.inputs[0]
+            graph.remove(producer, safe=True)
+            value = source
+            if value.uses():
+                return
+        if value.name in graph.initializers:
+            graph.initializers.pop(value.name)
