@@ -87,7 +87,7 @@ def quantizable_matmuls(model: ir.Model) -> list[ir.Node]:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value = ir.Value(name=name, const_value=ir.tensor(np.require(array, requirements="C"), name=name))
     value.dtype = value.const_value.dtype
     value.shape = ir.Shape(list(array.shape))
     graph.register_initializer(value)
@@ -106,7 +106,8 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         self.kept_node_names = kept_node_names
         self.quantized: list[str] = []
 
-    def requires(self, model: ir.Model) -> None:
+    def check_plan(self, model: ir.Model) -> None:
+        """Refuse a plan that names missing, kept or non-quantizable nodes (before anything changes)."""
         nodes = {node.name: node for node in model.graph}
         for name, precision in self.plan.items():
             if precision not in (INT8, FLOAT):
@@ -123,6 +124,7 @@ class QdqInsertionPass(ir.passes.InPlacePass):
                 raise GraphqError(f"plan: no calibrated range for '{nodes[name].inputs[0].name}' (input of '{name}')")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.check_plan(model)
         graph = model.graph
         opset = model.opset_imports.get("", 18)
         quantized_inputs: dict[str, ir.Value] = {}
@@ -183,7 +185,8 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         graph.insert_before(node, [matmul, to_float, scale_rows, scale_cols])
         output = node.outputs[0]
         result = scale_cols.outputs[0]
-        result.dtype, result.shape = output.dtype, output.shape
+        result.dtype = output.dtype or ir.DataType.FLOAT
+        result.shape = output.shape
         old_weight = node.inputs[1]
         output.replace_all_uses_with(result, replace_graph_outputs=True)
         graph.remove(node, safe=True)

@@ -90,7 +90,7 @@ def matmul_weight_consumers(activation: ir.Value) -> list[ir.Node] | None:
 
 
 def _set_constant(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    value.const_value = ir.tensor(np.require(array, requirements="C"), name=value.name)
 
 
 def private_constant(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value | None:

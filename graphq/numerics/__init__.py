@@ -1,0 +1,1 @@
+"""Numeric kernels: small pure-numpy functions with no graph code (calibration statistics, ranges)."""
