@@ -9,7 +9,7 @@ Protocol (every number in the table comes from this one run):
   ``<work-dir>/float``, created with ``graphq export smollm2-135m -o <work-dir>/float --with-past``
   when it has no model.onnx. The input is never modified (its files' SHA-256 is checked at the end).
 - Methods (``--methods``, comma list; default: float, ort-dynamic, ort-static-qdq, graphq:w8a8,
-  graphq:w8a8-dynamic); each writes ``<work-dir>/<method>/model.onnx`` (``graphq:R`` -> ``graphq-R``):
+  graphq:w8a8-static); each writes ``<work-dir>/<method>/model.onnx`` (``graphq:R`` -> ``graphq-R``):
   ``float``: the input model.
   ``ort-dynamic``: onnxruntime.quantization.quantize_dynamic, per-channel QInt8 weights, MatMul only.
   ``ort-static-qdq``: onnxruntime.quantization.quantize_static, QDQ format, MinMax calibration,
@@ -53,7 +53,7 @@ from pathlib import Path
 
 logger = logging.getLogger("bench_quality")
 
-DEFAULT_METHODS = ("float", "ort-dynamic", "ort-static-qdq", "graphq:w8a8", "graphq:w8a8-dynamic")
+DEFAULT_METHODS = ("float", "ort-dynamic", "ort-static-qdq", "graphq:w8a8", "graphq:w8a8-static")
 ORT_METHODS = ("ort-dynamic", "ort-static-qdq")
 RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 WINDOW_TOKENS = 512
