@@ -22,7 +22,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,12 @@ from graphq.runtime import GraphSignature, build_feeds
 from graphq.verify import cpu_session
 
 logger = logging.getLogger(__name__)
+
+
+class Accumulator(Protocol):
+    """Folds one calibration batch ``[..., C]`` into a fixed-size summary."""
+
+    def update(self, array: np.ndarray) -> None: ...
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
 
@@ -144,10 +151,12 @@ def collect_statistics(
     threads: int = 2,
     histogram_bins: int = DEFAULT_BINS,
     progress: bool = True,
+    make_accumulator: Callable[[], Accumulator] | None = None,
 ) -> dict[str, RunningStats]:
     """Statistics of ``tensor_names`` over one forward pass per row of ``windows`` (module docstring).
 
-    Returns one :class:`RunningStats` per name, in the order given. The model file is not modified;
+    Returns one :class:`RunningStats` per name, in the order given (or, with ``make_accumulator``,
+    one accumulator of that kind: anything with ``update(array)``, e.g. a Hessian for GPTQ). The model file is not modified;
     the augmented copy lives in a temporary folder that is removed whatever happens.
     """
     model_path = resolve_model_file(model_path)
@@ -164,7 +173,8 @@ def collect_statistics(
     _check_bins(histogram_bins)
 
     model = _augmented_model(model_path, names)
-    stats = {name: RunningStats(histogram_bins) for name in names}
+    make = make_accumulator or (lambda: RunningStats(histogram_bins))
+    stats = {name: make() for name in names}
     logger.info(
         "calibrating %d tensors of %s over %d windows of %d tokens",
         len(names), model_path, windows.shape[0], windows.shape[1],

@@ -101,7 +101,7 @@ def optimize(model: Path, output: Path) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
-              help="Built-in recipe (w8a8, w8a8-fp-head, w8a8-nosmooth, w8a8-static, w8a8-trt) or a .json/.yaml recipe file.")
+              help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt) or a .json/.yaml recipe file.")
 @click.option("--alpha", type=float, default=None, help="SmoothQuant migration strength a in [0, 1].")
 @click.option("--no-smoothquant", is_flag=True, help="Disable SmoothQuant.")
 @click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,

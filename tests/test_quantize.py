@@ -81,8 +81,8 @@ def test_cli_quantize_writes_model_report_and_recipe(tiny_llama_onnx, tmp_path, 
     assert code == 0
     report = json.loads(out.with_suffix(".graphq.json").read_text())
     assert report["recipe"]["smoothquant"]["alpha"] == 0.4
-    assert len(report["quantized_nodes"]) == 15
-    assert report["integer_kernels_in_ort_graph"] == {"MatMulInteger": 15}
+    assert len(report["quantized_nodes"]) == 14 and report["float_nodes"] == ["/lm_head/MatMul"]
+    assert report["integer_kernels_in_ort_graph"] == {"MatMulInteger": 14}
     assert load_recipe(str(tmp_path / "used.yaml")).calibration.windows == 2
     assert "MatMulInteger" in capsys.readouterr().out
 
