@@ -101,54 +101,95 @@ def optimize(model: Path, output: Path) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
-              help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt) or a .json/.yaml recipe file.")
-@click.option("--alpha", type=float, default=None, help="SmoothQuant migration strength a in [0, 1].")
-@click.option("--no-smoothquant", is_flag=True, help="Disable SmoothQuant.")
+              help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w4-rtn, w4-gptq, "
+                   "w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn) or a .json/.yaml recipe file.")
+@click.option("--alpha", type=float, default=None, help="[w8a8] SmoothQuant migration strength a in [0, 1].")
+@click.option("--no-smoothquant", is_flag=True, help="[w8a8] Disable SmoothQuant.")
 @click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,
-              help="Activation quantization: static per-tensor (calibrated) or dynamic per-token.")
+              help="[w8a8] Activation quantization: static per-tensor (calibrated) or dynamic per-token.")
+@click.option("--range", "range_method", type=click.Choice(["minmax", "percentile", "mse", "k_sigma"]), default=None,
+              help="[w8a8] Static activation range estimator.")
+@click.option("--bits", type=int, default=None, help="[weight-only] Bits per weight (2-8).")
+@click.option("--group-size", type=int, default=None, help="[weight-only] Group size along the input dimension (0: per channel).")
+@click.option("--asym/--sym", "asymmetric", default=None, help="[weight-only] Asymmetric (zero point) or symmetric groups.")
+@click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq"]), default=None,
+              help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21).")
+@click.option("--accuracy-level", type=int, default=None, help="[weight-only] MatMulNBits accuracy_level (0 unset; 4: int8 activations).")
 @click.option("--calib-windows", type=int, default=None, help="Calibration windows of wiki.valid.tokens.")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text file.")
-@click.option("--range", "range_method", type=click.Choice(["minmax", "percentile", "mse", "k_sigma"]), default=None,
-              help="Static activation range estimator.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")
 @click.option("--save-recipe", type=click.Path(path_type=Path), default=None, help="Also write the effective recipe (.json/.yaml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, no_smoothquant: bool,
-             activations: str | None, calib_windows: int | None, calib_text: Path | None, range_method: str | None,
-             tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
+             activations: str | None, range_method: str | None, bits: int | None, group_size: int | None,
+             asymmetric: bool | None, emit_format: str | None, accuracy_level: int | None, calib_windows: int | None,
+             calib_text: Path | None, tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
     """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
     import dataclasses
 
-    from graphq.config import dump_recipe, load_recipe
+    from graphq.config import W8A8Recipe, dump_recipe, load_recipe
     from graphq.modelio import write_text_atomic
     from graphq.passes.smoothquant import SmoothQuantConfig
     from graphq.quantize import quantize_model
+    from graphq.weight_only import quantize_weights
 
     recipe = load_recipe(recipe_name)
-    if no_smoothquant:
-        recipe = dataclasses.replace(recipe, smoothquant=None)
-    elif alpha is not None:
-        recipe = dataclasses.replace(recipe, smoothquant=SmoothQuantConfig(alpha=alpha))
-    if activations is not None:
-        recipe = dataclasses.replace(recipe, activations=dataclasses.replace(recipe.activations, activation_scheme=activations))
-    if range_method is not None:
-        recipe = dataclasses.replace(recipe, activation_range=dataclasses.replace(recipe.activation_range, method=range_method))
+    w8a8_options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
+                    "--range": range_method}
+    weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric, "--format": emit_format,
+                      "--accuracy-level": accuracy_level}
+    is_w8a8 = isinstance(recipe, W8A8Recipe)
+    misplaced = [k for k, v in (weight_options if is_w8a8 else w8a8_options).items() if v is not None]
+    if misplaced:
+        raise GraphqError(f"{misplaced[0]} does not apply to the {'w8a8' if is_w8a8 else 'weight-only'} recipe '{recipe.name}'")
+    if is_w8a8:
+        if no_smoothquant:
+            recipe = dataclasses.replace(recipe, smoothquant=None)
+        elif alpha is not None:
+            recipe = dataclasses.replace(recipe, smoothquant=SmoothQuantConfig(alpha=alpha))
+        if activations is not None:
+            recipe = dataclasses.replace(recipe, activations=dataclasses.replace(recipe.activations, activation_scheme=activations))
+        if range_method is not None:
+            recipe = dataclasses.replace(recipe, activation_range=dataclasses.replace(recipe.activation_range, method=range_method))
+    else:
+        weights = recipe.weights
+        for field, value in (("bits", bits), ("group_size", group_size), ("symmetric", None if asymmetric is None else not asymmetric)):
+            if value is not None:
+                weights = dataclasses.replace(weights, **{field: value})
+        emit = recipe.emit
+        for field, value in (("format", emit_format), ("accuracy_level", accuracy_level)):
+            if value is not None:
+                emit = dataclasses.replace(emit, **{field: value})
+        recipe = dataclasses.replace(recipe, weights=weights, emit=emit)
     calibration = recipe.calibration
     if calib_windows is not None:
         calibration = dataclasses.replace(calibration, windows=calib_windows)
     if calib_text is not None:
         calibration = dataclasses.replace(calibration, text_path=calib_text)
     recipe = dataclasses.replace(recipe, calibration=calibration)
-    result = quantize_model(model, output, recipe, tokenizer_dir=tokenizer, overwrite=overwrite)
+    run = quantize_model if is_w8a8 else quantize_weights
+    result = run(model, output, recipe, tokenizer_dir=tokenizer, overwrite=overwrite)
     report = result.to_json()
     write_text_atomic(output.with_suffix(".graphq.json"), json.dumps(report, indent=2) + "\n")
     if save_recipe is not None:
         write_text_atomic(save_recipe, dump_recipe(recipe, save_recipe))
-    click.echo(
-        f"quantized {len(report['quantized_nodes'])} MatMuls ({recipe.name}; {len(report['float_nodes'])} kept float; "
-        f"SmoothQuant on {len(result.smoothing)} activations) -> {output} in {result.seconds:.1f}s; "
-        f"ORT integer kernels: {result.integer_kernels}"
-    )
+    if is_w8a8:
+        click.echo(
+            f"quantized {len(report['quantized_nodes'])} MatMuls ({recipe.name}; {len(report['float_nodes'])} kept float; "
+            f"SmoothQuant on {len(result.smoothing)} activations) -> {output} in {result.seconds:.1f}s; "
+            f"ORT integer kernels: {result.integer_kernels}"
+        )
+    else:
+        size = report["size_breakdown"]
+        click.echo(
+            f"quantized {len(report['quantized_nodes'])} MatMul weights ({recipe.name}: {recipe.method}, "
+            f"{recipe.weights.bits} bits, group {recipe.weights.group_size}, "
+            f"{'symmetric' if recipe.weights.symmetric else 'asymmetric'}, {recipe.emit.format}) -> {output} "
+            f"in {result.seconds:.1f}s\n"
+            f"  size: {result.file_bytes / 1e6:.1f} MB = {size['file_over_bound']:.3f}x the bound "
+            f"({size['quantized_weights']} weights x {size['bits_per_quantized_weight_bound']:.3f} bits "
+            f"+ {size['float_initializer_bytes'] / 1e6:.1f} MB float initializers)"
+        )
 
 
 @app.command("eval")

@@ -19,6 +19,8 @@ from graphq.numerics.calibration import RangeEstimator
 from graphq.passes.keep_float import KeepFloatPolicy
 from graphq.passes.qdq_insert import QdqConfig
 from graphq.passes.smoothquant import SmoothQuantConfig
+from graphq.numerics.weight_only import WeightQuantConfig
+from graphq.weight_only import GptqConfig, WeightOnlyRecipe
 
 RECIPE_FORMAT_VERSION = 1
 
@@ -48,7 +50,7 @@ _STATIC = QdqConfig(activation_scheme="static")
 # it slower than the float GEMM (prefill 1.32x vs 1.52x float). Static per-tensor activations need
 # a stronger migration (a = 0.8, best of 0.5/0.8/0.9 with min-max; percentile, MSE and k-sigma
 # clipping of the activations were all worse on 10 windows).
-RECIPES: dict[str, W8A8Recipe] = {
+RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
     "w8a8": W8A8Recipe(float_nodes=LM_HEAD_NODES),
     "w8a8-int8-head": W8A8Recipe(name="w8a8-int8-head"),
     "w8a8-nosmooth": W8A8Recipe(name="w8a8-nosmooth", smoothquant=None, float_nodes=LM_HEAD_NODES),
@@ -56,7 +58,17 @@ RECIPES: dict[str, W8A8Recipe] = {
                               float_nodes=LM_HEAD_NODES),
     "w8a8-trt": W8A8Recipe(name="w8a8-trt", smoothquant=SmoothQuantConfig(alpha=0.8),
                            activations=QdqConfig(activation_scheme="static", target="tensorrt"), float_nodes=LM_HEAD_NODES),
+    # Weight-only (activations float): group 128 symmetric unless named otherwise.
+    "w4-rtn": WeightOnlyRecipe(name="w4-rtn", method="rtn"),
+    "w4-gptq": WeightOnlyRecipe(name="w4-gptq", method="gptq"),
+    "w4-rtn-g32-asym": WeightOnlyRecipe(name="w4-rtn-g32-asym", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
+    "w4-gptq-g32-asym": WeightOnlyRecipe(name="w4-gptq-g32-asym", method="gptq",
+                                         weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
+    "w8-rtn": WeightOnlyRecipe(name="w8-rtn", weights=WeightQuantConfig(bits=8, group_size=128, symmetric=True)),
 }
+
+# "kind" written into recipe files -> the dataclass that reads them.
+RECIPE_KINDS = {"w8a8": W8A8Recipe, "weight-only": WeightOnlyRecipe}
 
 
 def _to_plain(value):
@@ -70,8 +82,9 @@ def _to_plain(value):
     return value
 
 
-def recipe_to_dict(recipe: W8A8Recipe) -> dict:
-    return {"format_version": RECIPE_FORMAT_VERSION, "kind": "w8a8", **_to_plain(recipe)}
+def recipe_to_dict(recipe: W8A8Recipe | WeightOnlyRecipe) -> dict:
+    kind = next(k for k, cls in RECIPE_KINDS.items() if isinstance(recipe, cls))
+    return {"format_version": RECIPE_FORMAT_VERSION, "kind": kind, **_to_plain(recipe)}
 
 
 def _from_plain(annotation, data, where: str):
@@ -97,21 +110,21 @@ def _from_plain(annotation, data, where: str):
     return data
 
 
-def recipe_from_dict(data: dict) -> W8A8Recipe:
+def recipe_from_dict(data: dict) -> W8A8Recipe | WeightOnlyRecipe:
     data = dict(data)
     version = data.pop("format_version", RECIPE_FORMAT_VERSION)
     kind = data.pop("kind", "w8a8")
     if version != RECIPE_FORMAT_VERSION:
         raise GraphqError(f"recipe: format_version {version} is not supported (expected {RECIPE_FORMAT_VERSION})")
-    if kind != "w8a8":
-        raise GraphqError(f"recipe: kind '{kind}' is not supported yet (supported: w8a8)")
+    if kind not in RECIPE_KINDS:
+        raise GraphqError(f"recipe: kind '{kind}' is not supported (supported: {', '.join(RECIPE_KINDS)})")
     try:
-        return _from_plain(W8A8Recipe, data, "recipe")
+        return _from_plain(RECIPE_KINDS[kind], data, "recipe")
     except TypeError as error:
         raise GraphqError(f"recipe: {error}") from error
 
 
-def load_recipe(name_or_path: str) -> W8A8Recipe:
+def load_recipe(name_or_path: str) -> W8A8Recipe | WeightOnlyRecipe:
     """A built-in recipe by name, or a recipe file (.json, .yaml, .yml)."""
     if name_or_path in RECIPES:
         return RECIPES[name_or_path]
@@ -133,7 +146,7 @@ def load_recipe(name_or_path: str) -> W8A8Recipe:
     return recipe_from_dict(data)
 
 
-def dump_recipe(recipe: W8A8Recipe, path: Path) -> str:
+def dump_recipe(recipe: W8A8Recipe | WeightOnlyRecipe, path: Path) -> str:
     """Text of the recipe as JSON or YAML (by the suffix of ``path``)."""
     data = recipe_to_dict(recipe)
     if path.suffix.lower() in (".yaml", ".yml"):

@@ -89,6 +89,7 @@ logger = logging.getLogger(__name__)
 
 MIN_BITS, MAX_BITS = 2, 8
 PACKABLE_BITS = (2, 4, 8)
+MAX_2BIT_BLOCK = 256  # ONNX Runtime 1.32's CPU kernel refuses larger 2-bit blocks
 AWQ_MIN_CHANNEL = 1e-4  # mean |x| below this is clamped before the power (as in the AWQ reference)
 _DAMP_RETRIES = 4  # after the first try: damping x10, x100, x1000, x10000
 
@@ -536,16 +537,22 @@ def _pack_last_axis(values: np.ndarray, bits: int) -> np.ndarray:
 
 def matmul_nbits_block_size(qw: QuantizedWeight) -> int:
     """MatMulNBits' ``block_size`` for ``qw``: the group length, which must be a power of two >= 16; a
-    single group (per channel) may instead use the next such power above ``K`` (zero padding)."""
+    single group (per channel) may instead use the next such power above ``K`` (zero padding).
+    2-bit blocks are limited to 256 (ONNX Runtime's CPU kernel)."""
     g = qw.group_length
     if g >= 16 and g & (g - 1) == 0:
-        return g
-    if qw.scales.shape[0] == 1:
-        return max(16, 1 << (qw.q.shape[0] - 1).bit_length())
-    raise GraphqError(
-        f"MatMulNBits needs a block size that is a power of two >= 16, got group size {g}; "
-        "choose a group size of 16, 32, 64, 128 or 256"
-    )
+        block = g
+    elif qw.scales.shape[0] == 1:
+        block = max(16, 1 << (qw.q.shape[0] - 1).bit_length())
+    else:
+        raise GraphqError(
+            f"MatMulNBits needs a block size that is a power of two >= 16, got group size {g}; "
+            "choose a group size of 16, 32, 64, 128 or 256"
+        )
+    if qw.config.bits == 2 and block > MAX_2BIT_BLOCK:
+        raise GraphqError(f"ONNX Runtime's 2-bit MatMulNBits takes blocks of at most {MAX_2BIT_BLOCK}, got {block}; "
+                          "use a smaller group size")
+    return block
 
 
 def pack_matmul_nbits(qw: QuantizedWeight) -> dict:

@@ -1,0 +1,142 @@
+"""Emit weight-only quantized MatMuls (``y = x @ W_hat``, activations stay float).
+
+Input: for each MatMul to rewrite (by node name), a
+:class:`~graphq.numerics.weight_only.QuantizedWeight` ``(q, s, z)`` with
+``W_hat[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n]`` and groups ``g(k) = k // G`` along the input
+dimension. Two output forms, chosen by :class:`WeightOnlyEmitConfig`:
+
+- ``matmulnbits``: one ``com.microsoft.MatMulNBits`` node (ONNX Runtime CPU and CUDA EPs) with
+  ``B`` packed two codes per byte (4 bits), ``scales`` and, for asymmetric groups, packed
+  ``zero_points``; ``accuracy_level`` (0 = unset: float activations; 4 = int8 activations inside
+  the kernel) is an explicit option, never silent.
+- ``qdq``: standard ONNX ``DequantizeLinear(q, s, z, axis=0, block_size=G)`` (opset 21, uint4 for
+  4 bits, uint8 for 8 bits) feeding the original ``MatMul``: the blockwise form TensorRT
+  consumes. The model's default-domain opset is raised to 21 where it is lower.
+
+Weights that are the transpose of a constant (a tied LM head) are handled like plain constants;
+the source constant stays for its other users (the embedding ``Gather``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from graphq.errors import GraphqError
+from graphq.numerics.weight_only import QuantizedWeight, pack_matmul_nbits
+
+logger = logging.getLogger(__name__)
+
+EMIT_FORMATS = ("matmulnbits", "qdq")
+BLOCKWISE_DQ_OPSET = 21
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+_STORAGE = {4: ml_dtypes.uint4, 8: np.uint8}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyEmitConfig:
+    format: str = "matmulnbits"
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in EMIT_FORMATS:
+            raise GraphqError(f"emit format must be one of {EMIT_FORMATS}, got '{self.format}'")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise GraphqError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.require(array, requirements="C"), name=name))
+    value.dtype = value.const_value.dtype
+    value.shape = ir.Shape(list(array.shape))
+    graph.register_initializer(value)
+    return value
+
+
+def _drop_unused_weight(graph: ir.Graph, value: ir.Value) -> None:
+    if value.uses() or value.is_graph_output():
+        return
+    producer = value.producer()
+    if producer is not None:  # Transpose of a tied embedding
+        source = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        value = source
+        if value.uses():
+            return
+    if value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+
+
+class WeightOnlyEmissionPass(ir.passes.InPlacePass):
+    """Replace the weights of the named MatMuls by their quantized form."""
+
+    def __init__(self, quantized: Mapping[str, QuantizedWeight], config: WeightOnlyEmitConfig = WeightOnlyEmitConfig()) -> None:
+        super().__init__()
+        self.quantized = dict(quantized)
+        self.config = config
+        self.emitted: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {node.name: node for node in graph}
+        missing = [name for name in self.quantized if name not in nodes or nodes[name].op_type != "MatMul"]
+        if missing:
+            raise GraphqError(f"weight-only: {missing[0]} is not a MatMul of the graph")
+        for name, qw in self.quantized.items():
+            node = nodes[name]
+            if self.config.format == "matmulnbits":
+                self._matmul_nbits(graph, node, qw)
+            else:
+                self._blockwise_qdq(graph, node, qw)
+            self.emitted.append(name)
+        if self.emitted and self.config.format == "qdq" and model.opset_imports.get("", 1) < BLOCKWISE_DQ_OPSET:
+            model.opset_imports[""] = BLOCKWISE_DQ_OPSET
+        if self.emitted and self.config.format == "matmulnbits":
+            model.opset_imports.setdefault("com.microsoft", 1)
+        logger.info("weight-only: %d MatMuls emitted as %s", len(self.emitted), self.config.format)
+        return ir.passes.PassResult(model, modified=bool(self.emitted))
+
+    def _matmul_nbits(self, graph: ir.Graph, node: ir.Node, qw: QuantizedWeight) -> None:
+        packed = pack_matmul_nbits(qw)
+        stem = node.name.strip("/").replace("/", "_")
+        inputs = [node.inputs[0], _initializer(graph, f"{stem}.qweight", packed["B"]),
+                  _initializer(graph, f"{stem}.scales", packed["scales"])]
+        if packed["zero_points"] is not None:
+            inputs.append(_initializer(graph, f"{stem}.zero_points", packed["zero_points"]))
+        attributes = {"K": packed["K"], "N": packed["N"], "bits": packed["bits"], "block_size": packed["block_size"]}
+        if self.config.accuracy_level:
+            attributes["accuracy_level"] = self.config.accuracy_level
+        fused = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=f"{node.name}_Q{qw.config.bits}")
+        graph.insert_before(node, fused)
+        output, result = node.outputs[0], fused.outputs[0]
+        result.dtype, result.shape = output.dtype or ir.DataType.FLOAT, output.shape
+        old_weight = node.inputs[1]
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        name = output.name
+        output.name, result.name = f"{name}/float_matmul", name
+        _drop_unused_weight(graph, old_weight)
+
+    def _blockwise_qdq(self, graph: ir.Graph, node: ir.Node, qw: QuantizedWeight) -> None:
+        bits = qw.config.bits
+        if bits not in _STORAGE:
+            raise GraphqError(f"blockwise DequantizeLinear is emitted for 4 or 8 bits, not {bits}")
+        k = qw.q.shape[0]
+        if k % qw.group_length:
+            raise GraphqError(f"blockwise DequantizeLinear needs groups that divide K={k}, got {qw.group_length}")
+        stem = node.name.strip("/").replace("/", "_")
+        codes = _initializer(graph, f"{stem}.qweight", qw.q.astype(_STORAGE[bits]))
+        scales = _initializer(graph, f"{stem}.scales", qw.scales.astype(np.float32))
+        zeros = _initializer(graph, f"{stem}.zero_points", qw.zero_points.astype(_STORAGE[bits]))
+        dq = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": 0, "block_size": qw.group_length},
+                     name=f"{stem}/weight_DequantizeLinear")
+        dq.outputs[0].name = f"{stem}.weight_dequantized"
+        graph.insert_before(node, dq)
+        old_weight = node.inputs[1]
+        node.replace_input_with(1, dq.outputs[0])
+        _drop_unused_weight(graph, old_weight)

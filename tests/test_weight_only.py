@@ -1,0 +1,437 @@
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphq.errors import GraphqError
+from graphq.numerics.weight_only import (
+    QuantizedWeight,
+    WeightQuantConfig,
+    awq_clip_search,
+    awq_search,
+    gptq_quantize,
+    group_params,
+    hessian_accumulate,
+    pack_codes,
+    pack_matmul_nbits,
+    packed_uint4,
+    quantize_rtn,
+    unpack_codes,
+)
+
+K, N, M = 256, 64, 512
+
+
+def _weight(seed=0, k=K, n=N) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((k, n)) * 0.05).astype(np.float32)
+
+
+def _correlated_inputs(seed=1, m=M, k=K) -> np.ndarray:
+    """Inputs with a random covariance (and unequal channel scales), like a transformer's activations."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = rng.standard_normal((m, k)) @ mixing + 0.3 * rng.standard_normal((m, k))
+    return (x * rng.uniform(0.5, 2.0, size=k)).astype(np.float32)
+
+
+def _outlier_inputs(seed=2, m=M, k=K) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((m, k))
+    x[:, [3, 50, 100, 200]] *= 30.0
+    return x.astype(np.float32)
+
+
+def _output_error(x, w, w_hat) -> float:
+    diff = np.asarray(x, dtype=np.float64) @ (np.asarray(w, dtype=np.float64) - np.asarray(w_hat, dtype=np.float64))
+    return float(np.mean(diff**2))
+
+
+def _hessian(x) -> np.ndarray:
+    return hessian_accumulate(None, x, 0)[0]
+
+
+# --- configuration and groups -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, True, 4.0, "4"])
+def test_bits_must_be_2_to_8(bits):
+    with pytest.raises(GraphqError, match="bits"):
+        WeightQuantConfig(bits=bits)
+
+
+def test_config_validation():
+    for bits in range(2, 9):
+        assert WeightQuantConfig(bits=bits).qmax == 2**bits - 1
+    assert WeightQuantConfig().symmetric_zero_point == 8
+    with pytest.raises(GraphqError, match="group size"):
+        WeightQuantConfig(group_size=-2)
+    with pytest.raises(GraphqError, match="symmetric"):
+        WeightQuantConfig(symmetric="yes")
+    assert WeightQuantConfig(group_size=0).per_channel and WeightQuantConfig(group_size=-1).per_channel
+
+
+def test_group_size_must_divide_k_unless_padded():
+    w = _weight(k=100)
+    config = WeightQuantConfig(group_size=32)
+    with pytest.raises(GraphqError, match="group size 32 does not divide the input dimension K = 100"):
+        quantize_rtn(w, config)
+    qw = quantize_rtn(w, config, pad=True)
+    assert qw.scales.shape == (4, N) and qw.zero_points.shape == (4, N)
+    np.testing.assert_array_equal(qw.group_of_rows(), np.arange(100) // 32)
+    # The short last group (rows 96..99) is quantized from its own 4 rows only.
+    alone = quantize_rtn(w[96:], WeightQuantConfig(group_size=0))
+    np.testing.assert_array_equal(qw.scales[3], alone.scales[0])
+    np.testing.assert_array_equal(qw.q[96:], alone.q)
+    assert np.abs(qw.dequantize() - w).max() < np.abs(qw.scales).max()
+
+
+@pytest.mark.parametrize("group_size", [0, -1])
+def test_per_channel_is_one_group(group_size):
+    w = _weight(k=100)
+    qw = quantize_rtn(w, WeightQuantConfig(group_size=group_size))
+    assert qw.scales.shape == (1, N)
+    np.testing.assert_array_equal(qw.scales, quantize_rtn(w, WeightQuantConfig(group_size=100)).scales)
+
+
+def test_quantized_weight_checks_shapes():
+    qw = quantize_rtn(_weight(), WeightQuantConfig(group_size=32))
+    with pytest.raises(ValueError):
+        QuantizedWeight(qw.q, qw.scales[:4], qw.zero_points, qw.config)
+    with pytest.raises(ValueError):
+        QuantizedWeight(qw.q.astype(np.int8), qw.scales, qw.zero_points, qw.config)
+
+
+# --- round to nearest -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 0])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_codes_in_range_and_error_bounded(bits, group_size, symmetric):
+    w = _weight()
+    w[:, 0] = np.abs(w[:, 0])  # an all-positive column (the asymmetric range still holds 0)
+    config = WeightQuantConfig(bits, group_size, symmetric)
+    qw = quantize_rtn(w, config)
+    assert qw.q.dtype == np.uint8 and qw.q.max() <= 2**bits - 1
+    assert qw.scales.dtype == np.float32 and qw.zero_points.dtype == np.uint8
+    rows = qw.group_of_rows()
+    step = np.abs(qw.scales[rows]).astype(np.float64)
+    error = np.abs(qw.dequantize().astype(np.float64) - w)
+    if symmetric:
+        assert (qw.zero_points == 2 ** (bits - 1)).all()
+        # Values on the grid's range are within half a step; only the side opposite the group's
+        # extreme can be clipped (by less than one step), and the extreme itself is exact.
+        position = w / qw.scales[rows].astype(np.float64) + qw.zero_points[rows]
+        inside = (position >= -0.5) & (position <= 2**bits - 0.5)
+        assert (error[inside] <= step[inside] * (0.5 + 1e-6)).all()
+        assert (error <= step * (1 + 1e-6)).all()
+        assert inside.mean() > (0.95 if bits == 2 else 0.99)
+        g = qw.group_length
+        for n in range(0, N, 7):
+            for group in range(qw.scales.shape[0]):
+                column = w[group * g:(group + 1) * g, n]
+                k = group * g + int(np.argmax(np.abs(column)))
+                assert qw.q[k, n] == 0  # the extreme is code 0: -2^(bits-1) steps of a signed scale
+                assert error[k, n] <= 1e-6 * abs(w[k, n])
+    else:
+        assert (error <= step * (0.5 + 1e-6)).all()
+
+
+def test_symmetric_sign_trick_beats_seven_level_grid():
+    w = np.random.default_rng(3).standard_normal((128 * 8, 256))
+    qw = quantize_rtn(w, WeightQuantConfig(4, 128, True))
+    mse = np.mean((qw.dequantize() - w) ** 2)
+    grouped = w.reshape(8, 128, 256)
+    step = np.abs(grouped).max(axis=1, keepdims=True) / 7
+    mse_seven = np.mean((np.clip(np.rint(grouped / step), -7, 7) * step - grouped) ** 2)
+    assert mse < 0.85 * mse_seven
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_group_has_unit_scale(symmetric):
+    w = _weight()
+    w[32:64, :] = 0.0
+    w[:, 5] = 0.0
+    with np.errstate(all="raise"):
+        qw = quantize_rtn(w, WeightQuantConfig(4, 32, symmetric))
+    assert (qw.scales[1] == 1.0).all() and (qw.scales[:, 5] == 1.0).all()
+    deq = qw.dequantize()
+    assert np.isfinite(deq).all()
+    assert (deq[32:64] == 0).all() and (deq[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_clip_ratio(symmetric):
+    w = _weight()
+    config = WeightQuantConfig(4, 32, symmetric)
+    full = quantize_rtn(w, config)
+    half = quantize_rtn(w, config, clip_ratio=0.5)
+    np.testing.assert_allclose(half.scales, full.scales * 0.5, rtol=1e-6)
+    ratios = np.ones((8, N))
+    ratios[2, 7] = 0.5
+    mixed = quantize_rtn(w, config, clip_ratio=ratios)
+    np.testing.assert_allclose(mixed.scales[2, 7], full.scales[2, 7] * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(mixed.scales.reshape(-1), 2 * N + 7),
+                                  np.delete(full.scales.reshape(-1), 2 * N + 7))
+    assert half.q.min() == 0 and half.q.max() == 15
+    with pytest.raises(ValueError):
+        quantize_rtn(w, config, clip_ratio=np.ones((3, N)))
+    with pytest.raises(ValueError):
+        quantize_rtn(w, config, clip_ratio=0.0)
+
+
+# --- GPTQ -------------------------------------------------------------------------------------
+
+
+def test_hessian_accumulate_equals_batch_formula():
+    x = _correlated_inputs()
+    h, count = None, 0
+    for start, stop in ((0, 100), (100, 101), (101, 101), (101, M)):
+        h, count = hessian_accumulate(h, x[start:stop], count)
+    assert count == M and h.dtype == np.float64
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(h, 2.0 / M * x64.T @ x64, rtol=1e-10, atol=1e-12)
+    h3, count3 = hessian_accumulate(None, x.reshape(4, M // 4, K), 0)  # [..., K] batches
+    assert count3 == M
+    np.testing.assert_allclose(h3, h, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError):
+        hessian_accumulate(h, x[:, :10], count)
+
+
+def _reference_gptq(w, h, config, damp=0.01):
+    """A direct transcription of GPTQ in the paper's [out, in] orientation: one column of in at a
+    time, every update applied at once, two Cholesky steps, group parameters from the current weights."""
+    wt = np.array(w, dtype=np.float64).T.copy()  # [N, K]
+    h = h.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    wt[:, dead] = 0
+    h_inv = np.linalg.inv(h + damp * np.mean(np.diag(h)) * np.eye(len(h)))
+    upper = np.linalg.cholesky(h_inv).T
+    k = wt.shape[1]
+    g = config.group_length(k)
+    single = WeightQuantConfig(config.bits, 0, config.symmetric)
+    codes = np.zeros((k, wt.shape[0]), dtype=np.uint8)
+    for i in range(k):
+        if i % g == 0:
+            scale, zero = (a[0].astype(np.float64) for a in group_params(wt[:, i:i + g].T, single))
+        col = wt[:, i]
+        q = np.clip(np.rint(col / scale) + zero, 0, config.qmax)
+        codes[i] = q
+        err = (col - (q - zero) * scale) / upper[i, i]
+        wt[:, i:] -= np.outer(err, upper[i, i:])
+    return codes
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_matches_direct_transcription(symmetric):
+    w, x = _weight(k=128, n=32), _correlated_inputs(m=256, k=128)
+    config = WeightQuantConfig(4, 32, symmetric)
+    expected = _reference_gptq(w, _hessian(x), config)
+    for block_size in (128, 48, 1):  # lazy batches (also not aligned with the groups) change nothing
+        got = gptq_quantize(w, _hessian(x), config, block_size=block_size)
+        assert np.mean(got.q != expected) < 1e-3
+
+
+@pytest.mark.parametrize("group_size", [32, 0])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_beats_rtn_on_correlated_inputs(group_size, act_order, symmetric):
+    w, x = _weight(), _correlated_inputs()
+    config = WeightQuantConfig(4, group_size, symmetric)
+    qw = gptq_quantize(w, _hessian(x), config, act_order=act_order)
+    assert qw.q.shape == (K, N) and qw.q.max() <= 15
+    rtn = _output_error(x, w, quantize_rtn(w, config).dequantize())
+    assert _output_error(x, w, qw.dequantize()) < 0.7 * rtn
+
+
+def test_gptq_act_order_keeps_groups_contiguous():
+    w, x = _weight(), _correlated_inputs()
+    config = WeightQuantConfig(4, 32, False)
+    qw = gptq_quantize(w, _hessian(x), config, act_order=True)
+    # Static groups: parameters from the original weight's contiguous groups of K.
+    scales, zeros = group_params(w, config)
+    np.testing.assert_array_equal(qw.scales, scales)
+    np.testing.assert_array_equal(qw.zero_points, zeros)
+
+
+def test_gptq_identity_hessian_is_rtn():
+    w = _weight()
+    config = WeightQuantConfig(4, 32)
+    np.testing.assert_array_equal(gptq_quantize(w, np.eye(K), config).q, quantize_rtn(w, config).q)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_singular_hessian(act_order):
+    w = _weight()
+    x = _correlated_inputs(m=64)  # rank 64 < K
+    x[:, [0, 7, 100]] = 0.0  # dead inputs
+    with np.errstate(all="raise"):
+        qw = gptq_quantize(w, _hessian(x), WeightQuantConfig(4, 32), act_order=act_order)
+    deq = qw.dequantize()
+    assert np.isfinite(deq).all()
+    assert (deq[[0, 7, 100]] == 0).all()
+    assert _output_error(x, w, deq) < _output_error(x, w, quantize_rtn(w, WeightQuantConfig(4, 32)).dequantize())
+
+
+def test_gptq_raises_damping_until_cholesky_succeeds(caplog):
+    x = _correlated_inputs()
+    h = _hessian(x)
+    h -= 0.05 * np.mean(np.diag(h)) * np.eye(K) + 0.5 * np.min(np.linalg.eigvalsh(h)) * np.eye(K)  # indefinite
+    assert np.linalg.eigvalsh(h).min() < 0
+    with caplog.at_level(logging.WARNING, logger="graphq.numerics.weight_only"):
+        qw = gptq_quantize(_weight(), h, WeightQuantConfig(4, 32))
+    assert np.isfinite(qw.dequantize()).all()
+    assert any("retrying with damp" in record.message for record in caplog.records)
+
+
+def test_gptq_gives_up_on_hopeless_hessians():
+    h = np.eye(K)
+    h[0, 1] = h[1, 0] = 1e9
+    with pytest.raises(GraphqError, match="not positive definite"):
+        gptq_quantize(_weight(), h, WeightQuantConfig(4, 32))
+    h = np.eye(K)
+    h[3, 3] = np.nan
+    with pytest.raises(GraphqError, match="NaN"):
+        gptq_quantize(_weight(), h, WeightQuantConfig(4, 32))
+    with pytest.raises(GraphqError, match="does not divide"):
+        gptq_quantize(_weight(k=100), np.eye(100), WeightQuantConfig(4, 32))
+    assert gptq_quantize(_weight(k=100), np.eye(100), WeightQuantConfig(4, 32), pad=True).scales.shape == (4, N)
+
+
+# --- AWQ --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_scales_beat_unit_scales(group_size, symmetric):
+    w, x = _weight(), _outlier_inputs()
+    config = WeightQuantConfig(4, group_size, symmetric)
+    scales, loss = awq_search(w, np.abs(x).mean(axis=0), x, config)
+    assert scales.shape == (K,) and scales.dtype == np.float32 and (scales > 0).all()
+    assert scales[[3, 50, 100, 200]].min() > np.median(scales)  # the salient channels are scaled up
+    rtn = _output_error(x, w, quantize_rtn(w, config).dequantize())
+    assert loss < 0.6 * rtn
+    s = scales.astype(np.float64)
+    folded = quantize_rtn(w * s[:, None], config).dequantize() / s[:, None]
+    np.testing.assert_allclose(_output_error(x, w, folded), loss, rtol=1e-4)
+    # A sample with fewer rows than K takes the direct path instead of the Gram matrix.
+    _, loss_small = awq_search(w, np.abs(x).mean(axis=0), x[:100], config, grid=5)
+    assert loss_small <= _output_error(x[:100], w, quantize_rtn(w, config).dequantize()) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_clip_search_never_worse_than_no_clipping(symmetric):
+    w, x = _weight(), _outlier_inputs()
+    config = WeightQuantConfig(4, 32, symmetric)
+    ratios = awq_clip_search(w, x, config, grid=20, max_shrink=0.5)
+    assert ratios.shape == (8, N) and ratios.min() >= 0.5 - 1e-12 and ratios.max() <= 1.0
+    assert (ratios < 1).any()
+    np.testing.assert_array_equal(awq_clip_search(w, x, config, column_chunk=7), ratios)
+
+    def group_errors(qw):
+        diff = (w.astype(np.float64) - qw.dequantize()).reshape(8, 32, N)
+        out = np.einsum("mgi,gin->mgn", x.astype(np.float64).reshape(M, 8, 32), diff)
+        return np.mean(out**2, axis=0)
+
+    clipped, plain = quantize_rtn(w, config, clip_ratio=ratios), quantize_rtn(w, config)
+    assert (group_errors(clipped) <= group_errors(plain) * (1 + 1e-9)).all()
+    assert _output_error(x, w, clipped.dequantize()) < _output_error(x, w, plain.dequantize())
+
+
+# --- MatMulNBits packing, checked against ONNX Runtime -------------------------------------------
+
+
+def test_pack_layout_low_nibble_first():
+    q = np.arange(40, dtype=np.uint8).reshape(20, 2) % 16  # K = 20, N = 2
+    packed = packed_uint4(q, 16)
+    assert packed.shape == (2, 2, 8) and packed.dtype == np.uint8
+    assert packed[1, 0, 0] == q[0, 1] | (q[1, 1] << 4)
+    assert packed[0, 1, 1] == q[18, 0] | (q[19, 0] << 4)
+    assert (packed[:, 1, 2:] == 0).all()  # K padded to whole blocks with zeros
+    for bits in (2, 4, 8):
+        codes = np.random.default_rng(bits).integers(0, 2**bits, size=(96, 5)).astype(np.uint8)
+        np.testing.assert_array_equal(unpack_codes(pack_codes(codes, bits, 32), bits, 96), codes)
+    with pytest.raises(GraphqError):
+        pack_codes(q, 3, 16)
+
+
+def test_pack_refuses_unsupported_layouts():
+    with pytest.raises(GraphqError, match="power of two"):
+        pack_matmul_nbits(quantize_rtn(_weight(k=96), WeightQuantConfig(4, 48)))
+    with pytest.raises(GraphqError, match="bits"):
+        pack_matmul_nbits(quantize_rtn(_weight(), WeightQuantConfig(3, 32)))
+    with pytest.raises(GraphqError, match="2-bit"):
+        pack_matmul_nbits(quantize_rtn(_weight(k=576), WeightQuantConfig(2, 0)))
+
+
+def _run_matmul_nbits(packed: dict, x: np.ndarray, zero_points: np.ndarray | None = None) -> np.ndarray:
+    zero_points = packed["zero_points"] if zero_points is None else zero_points
+    initializers = [numpy_helper.from_array(packed["B"], "B"), numpy_helper.from_array(packed["scales"], "scales")]
+    inputs = ["A", "B", "scales"]
+    if zero_points is not None:
+        initializers.append(numpy_helper.from_array(zero_points, "zero_points"))
+        inputs.append("zero_points")
+    attributes = {name: packed[name] for name in ("K", "N", "bits", "block_size")}  # accuracy_level unset: float
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", **attributes)
+    graph = helper.make_graph(
+        [node], "matmul_nbits",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, packed["K"]])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, packed["N"]])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    assert not any(a.name == "accuracy_level" for a in node.attribute)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"A": x})[0]
+
+
+def _assert_matches_dequantized(qw: QuantizedWeight, zero_points: np.ndarray | None = None, seed: int = 5):
+    k = qw.q.shape[0]
+    x = np.random.default_rng(seed).standard_normal((7, k)).astype(np.float32)
+    expected = x.astype(np.float64) @ qw.dequantize().astype(np.float64)
+    got = _run_matmul_nbits(pack_matmul_nbits(qw), x, zero_points)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_matches_dequantize(bits, group_size, symmetric):
+    qw = quantize_rtn(_weight(), WeightQuantConfig(bits, group_size, symmetric))
+    packed = pack_matmul_nbits(qw)
+    n_blocks = K // group_size
+    assert packed["B"].shape == (N, n_blocks, group_size * bits // 8)
+    assert packed["scales"].shape == (N * n_blocks,)
+    assert (packed["zero_points"] is None) == symmetric
+    if not symmetric:
+        assert packed["zero_points"].shape == (N * -(-n_blocks * bits // 8),)
+    _assert_matches_dequantized(qw)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_matmul_nbits_symmetric_zero_point_convention(bits):
+    """Without zero points ORT uses 2^(bits-1); the same value given explicitly agrees, and negative
+    (sign-trick) scales are fine."""
+    qw = quantize_rtn(_weight(), WeightQuantConfig(bits, 32, True))
+    assert (qw.scales < 0).any() and (qw.scales > 0).any()
+    _assert_matches_dequantized(qw)
+    explicit = QuantizedWeight(qw.q, qw.scales, qw.zero_points, WeightQuantConfig(bits, 32, False))
+    _assert_matches_dequantized(qw, zero_points=pack_matmul_nbits(explicit)["zero_points"])
+
+
+@pytest.mark.parametrize("k, group_size, pad", [(96, 32, False), (96, 64, True), (96, 0, False)])
+def test_matmul_nbits_odd_blocks_and_padding(k, group_size, pad):
+    """Three blocks (zero points padded per column), a short last block, one padded per-channel block."""
+    for symmetric in (True, False):
+        _assert_matches_dequantized(quantize_rtn(_weight(k=k), WeightQuantConfig(4, group_size, symmetric), pad=pad))
+
+
+def test_matmul_nbits_runs_gptq_output():
+    w, x = _weight(), _correlated_inputs()
+    _assert_matches_dequantized(gptq_quantize(w, _hessian(x), WeightQuantConfig(4, 32, False), act_order=True))

@@ -1,0 +1,88 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from conftest import run_model
+from graphq.errors import GraphqError
+from graphq.numerics.weight_only import WeightQuantConfig, quantize_rtn
+from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
+
+RNG = np.random.default_rng(1)
+K, N = 96, 40  # K is not a multiple of 64: the last group is shorter
+W = (RNG.normal(size=(K, N)) * 0.1).astype(np.float32)
+X = RNG.normal(size=(3, 7, K)).astype(np.float32)
+
+
+def _model(tied: bool = False) -> ir.Model:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, 7, K]))
+    nodes, initializers = [], []
+    if tied:  # W stored transposed and used through Transpose, like a tied LM head
+        source = ir.Value(name="embedding", const_value=ir.tensor(W.T.copy()))
+        transpose = ir.node("Transpose", [source], attributes={"perm": [1, 0]}, name="tie")
+        nodes.append(transpose)
+        initializers.append(source)
+        weight = transpose.outputs[0]
+    else:
+        weight = ir.Value(name="w", const_value=ir.tensor(W))
+        initializers.append(weight)
+    matmul = ir.node("MatMul", [x, weight], name="proj")
+    matmul.outputs[0].name = "y"
+    matmul.outputs[0].dtype, matmul.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([3, 7, N])
+    nodes.append(matmul)
+    graph = ir.Graph([x], [matmul.outputs[0]], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="g")
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_matmul_nbits(symmetric, tied, tmp_path):
+    qw = quantize_rtn(W, WeightQuantConfig(bits=4, group_size=64, symmetric=symmetric), pad=True)
+
+    result = WeightOnlyEmissionPass({"proj": qw})(_model(tied))
+
+    graph = result.model.graph
+    assert result.modified
+    (node,) = [n for n in graph]
+    assert (node.op_type, node.domain) == ("MatMulNBits", "com.microsoft")
+    assert node.attributes["K"].value == K and node.attributes["N"].value == N and node.attributes["block_size"].value == 64
+    assert "accuracy_level" not in node.attributes
+    assert node.outputs[0].name == "y"
+    assert (len(node.inputs) == 4) == (not symmetric)
+    assert not any(v.const_value.dtype == ir.DataType.FLOAT and len(v.const_value.shape) == 2 for v in graph.initializers.values())
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    (actual,) = run_model(result.model, {"x": X}, tmp_path)
+    np.testing.assert_allclose(actual, X @ qw.dequantize(), rtol=1e-4, atol=1e-4)
+
+
+def test_blockwise_dequantize_linear(tmp_path):
+    qw = quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32, symmetric=False))
+
+    result = WeightOnlyEmissionPass({"proj": qw}, WeightOnlyEmitConfig(format="qdq"))(_model())
+
+    graph = result.model.graph
+    assert [n.op_type for n in graph] == ["DequantizeLinear", "MatMul"]
+    dq = graph.node(0)
+    assert dq.attributes["block_size"].value == 32 and dq.attributes["axis"].value == 0
+    assert dq.inputs[0].const_value.dtype == ir.DataType.UINT4
+    assert result.model.opset_imports[""] == 21
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+    (actual,) = run_model(result.model, {"x": X}, tmp_path)
+    np.testing.assert_allclose(actual, X @ qw.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_to_emit_changes_nothing():
+    model = _model()
+    before = ir.serde.serialize_model(model).SerializeToString()
+    assert not WeightOnlyEmissionPass({})(model).modified
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_bad_requests_are_refused():
+    qw = quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32))
+    with pytest.raises(GraphqError, match="not a MatMul"):
+        WeightOnlyEmissionPass({"elsewhere": qw})(_model())
+    with pytest.raises(GraphqError):
+        WeightOnlyEmitConfig(format="gguf")
+    with pytest.raises(GraphqError):
+        WeightOnlyEmitConfig(accuracy_level=7)
