@@ -104,6 +104,9 @@ def _activation_inputs(model: ir.Model, plan: dict[str, str]) -> list[str]:
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
                    tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
     """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx)."""
+    if not isinstance(recipe, W8A8Recipe):
+        raise GraphqError(f"recipe '{getattr(recipe, 'name', recipe)}' is not a W8A8 recipe; "
+                          "weight-only recipes run through graphq.weight_only.quantize_weights")
     start = time.perf_counter()
     source = resolve_model_file(model)
     output = Path(output)
