@@ -62,6 +62,19 @@ class GraphSignature:
         )
 
 
+def signature_of_model(model) -> GraphSignature:
+    """The :class:`GraphSignature` of an ``onnx_ir`` model, read from its declared graph inputs/outputs."""
+    past = [v for v in model.graph.inputs if PAST_INPUT.match(v.name)]
+    return GraphSignature(
+        input_names=tuple(v.name for v in model.graph.inputs),
+        output_names=tuple(v.name for v in model.graph.outputs),
+        past_inputs=tuple(v.name for v in past),
+        past_shapes={v.name: tuple(d if isinstance(d, int) else str(d) for d in v.shape) if v.shape is not None else ()
+                     for v in past},
+        past_dtypes={v.name: v.dtype.numpy() if v.dtype is not None else np.float32 for v in past},
+    )
+
+
 def empty_cache(signature: GraphSignature, batch: int) -> dict[str, np.ndarray]:
     """A zero-length KV cache for every past input."""
     cache = {}

@@ -2,12 +2,22 @@
 
 1. Load the float graph; plan the MatMuls with a constant weight (``recipe.float_nodes`` stay float;
    weights that are not constants are left float and reported).
-2. Quantize each planned weight ``W [K, N]`` with the recipe's method, groups of ``G`` along ``K``:
-   - ``rtn``: round to nearest (no calibration);
-   - ``gptq``: one calibration pass over ``wiki.valid.tokens`` accumulates ``H = 2 X^T X / n`` for
-     every distinct MatMul input ``X`` (streamed, one ``K x K`` float64 matrix per input), then
-     :func:`~graphq.numerics.weight_only.gptq_quantize` per weight. The Hessians come from the float
-     model's activations (not layer by layer from the already-quantized prefix; see the issue note).
+2. Quantize each planned weight ``W [K, N]`` with the recipe's method, groups of ``G`` along ``K``
+   (:mod:`graphq.numerics.weight_only` has the math):
+   - ``rtn``: round to nearest (no calibration).
+   - ``gptq``: per MatMul input ``X``, ``H = 2 X^T X / n`` streamed over calibration windows of
+     ``wiki.valid.tokens``, then the GPTQ error-compensating rounding.
+   - ``awq``: the same statistics plus ``mean |X|`` per channel; per input (the MatMuls that share it,
+     e.g. q/k/v, searched together) the AWQ scales ``s = mean|X|^alpha`` minimising the output error
+     ``tr(D^T (H / 2) D)``; ``s`` is folded into the producer of ``X`` (the RMSNorm weight, or the
+     ``up_proj`` columns for ``down_proj``: the SmoothQuant folds, :mod:`graphq.passes.smoothquant`)
+     and into the weight rows, ``H -> H / (s s^T)``; then a clip-ratio search per group and column
+     and RTN with those ratios. Inputs whose producer cannot absorb ``s`` (the attention output before
+     ``o_proj``) keep ``s = 1`` and get the clip search only, so no extra op is added.
+   With ``sequential`` (default) the statistics of block ``b`` come from the graph whose blocks
+   ``< b`` are already quantized (fake-quantized float weights), one block at a time
+   (:mod:`graphq.blockwise`), as in the GPTQ and AWQ papers; otherwise from the float model in
+   one pass.
 3. Emit ``MatMulNBits`` or blockwise ``DequantizeLinear`` (:mod:`graphq.passes.weight_only_emit`),
    clean up, save to a staging folder, verify (checker + ORT session), move into place.
 """
@@ -25,19 +35,29 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from graphq.blockwise import StagedCalibration, partition
 from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics
 from graphq.errors import GraphqError, OutputPathError
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import check_output_path, initializer_bytes, load_model, resolve_model_file, save_model, staging_dir
-from graphq.numerics.weight_only import QuantizedWeight, WeightQuantConfig, gptq_quantize, hessian_accumulate, quantize_rtn
+from graphq.numerics.weight_only import (
+    QuantizedWeight,
+    WeightQuantConfig,
+    awq_clip_search,
+    awq_search,
+    gptq_quantize,
+    hessian_accumulate,
+    quantize_rtn,
+)
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.qdq_insert import constant_weight
+from graphq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass, own_constant
 from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
 from graphq.verify import verify_model_file
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
               "generation_config.json", "chat_template.jinja")
 
@@ -56,6 +76,20 @@ class GptqConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AwqConfig:
+    grid: int = 20  # alpha in {0, 1/grid, ..., (grid-1)/grid}
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # clip ratios searched in [1 - max_shrink, 1]
+    fold_scales: bool = True  # False: clip search only
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.clip_grid < 1:
+            raise GraphqError(f"AWQ grids must be at least 1, got {self.grid}, {self.clip_grid}")
+        if not 0 <= self.max_shrink < 1:
+            raise GraphqError(f"AWQ max_shrink must lie in [0, 1), got {self.max_shrink}")
+
+
+@dataclasses.dataclass(frozen=True)
 class WeightOnlyRecipe:
     name: str = "w4-rtn"
     method: str = "rtn"
@@ -64,6 +98,8 @@ class WeightOnlyRecipe:
     pad_groups: bool = True
     emit: WeightOnlyEmitConfig = WeightOnlyEmitConfig()
     gptq: GptqConfig = GptqConfig()
+    awq: AwqConfig = AwqConfig()
+    sequential: bool = True  # calibrate block b on the output of the already-quantized blocks before it
     calibration: CalibrationConfig = CalibrationConfig(windows=16)
     float_nodes: tuple[str, ...] = ()
 
@@ -73,14 +109,22 @@ class WeightOnlyRecipe:
 
 
 class HessianAccumulator:
-    """Streams ``H = 2 X^T X / n`` over calibration batches ``[..., K]`` (fixed memory: K x K)."""
+    """Streams ``H = 2 X^T X / n`` and ``mean |X|`` per channel over calibration batches ``[..., K]``
+    (fixed memory: ``K x K``)."""
 
     def __init__(self) -> None:
         self.hessian: np.ndarray | None = None
         self.count = 0
+        self._abs_sum: np.ndarray | None = None
 
     def update(self, array: np.ndarray) -> None:
         self.hessian, self.count = hessian_accumulate(self.hessian, array, self.count)
+        abs_sum = np.abs(np.asarray(array, dtype=np.float64)).reshape(-1, array.shape[-1]).sum(axis=0)
+        self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
+
+    @property
+    def abs_mean(self) -> np.ndarray:
+        return self._abs_sum / max(self.count, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +172,52 @@ def _plan(model: ir.Model, recipe: WeightOnlyRecipe) -> tuple[list[ir.Node], lis
     return planned, kept
 
 
+def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict[str, HessianAccumulator],
+                              recipe: WeightOnlyRecipe) -> dict[str, QuantizedWeight]:
+    """GPTQ or AWQ of ``nodes`` from the statistics of their inputs; AWQ folds its scales into ``graph``."""
+    config = recipe.weights
+    if recipe.method == "gptq":
+        return {node.name: gptq_quantize(constant_weight(node), stats[node.inputs[0].name].hessian, config,
+                                         damp=recipe.gptq.damp, block_size=recipe.gptq.block_size,
+                                         act_order=recipe.gptq.act_order, pad=recipe.pad_groups)
+                for node in nodes}
+    groups: dict[str, list[ir.Node]] = {}
+    for node in nodes:
+        groups.setdefault(node.inputs[0].name, []).append(node)
+    quantized = {}
+    # Later inputs first: down_proj's scales fold into up_proj's columns before up_proj is searched.
+    for name in reversed(list(groups)):
+        members, accumulator = groups[name], stats[name]
+        hessian = accumulator.hessian
+        if recipe.awq.fold_scales:
+            joined = np.concatenate([constant_weight(node) for node in members], axis=1)
+            scales, _ = awq_search(joined, accumulator.abs_mean, None, config, grid=recipe.awq.grid,
+                                   pad=recipe.pad_groups, hessian=hessian)
+            fold = SmoothQuantPass({}, SmoothQuantConfig(explicit_mul=False), factors={name: scales})
+            fold(graph)
+            if name in fold.applied:
+                inverse = 1.0 / scales.astype(np.float64)
+                hessian = hessian * np.outer(inverse, inverse)
+                logger.debug("awq: %s folded (%s)", name, fold.applied[name])
+        for node in members:
+            weight = constant_weight(node)
+            ratios = awq_clip_search(weight, None, config, grid=recipe.awq.clip_grid, max_shrink=recipe.awq.max_shrink,
+                                     pad=recipe.pad_groups, hessian=hessian)
+            quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
+    return {node.name: quantized[node.name] for node in nodes}
+
+
+def _write_fake_quantized(node: ir.Node, quantized: QuantizedWeight) -> None:
+    """Replace ``node``'s weight by its dequantized value, so later blocks calibrate on quantized outputs.
+
+    A weight shared with other nodes (e.g. the tied embedding read through a Transpose) is left alone."""
+    if own_constant(node.inputs[1], 2) is None:
+        logger.debug("weight-only: %s reads a shared or transposed weight; later stages see it in float", node.name)
+        return
+    dequantized = quantized.dequantize().astype(np.float32)
+    node.inputs[1].const_value = ir.tensor(dequantized, name=node.inputs[1].name)
+
+
 def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe: WeightOnlyRecipe, *,
                      tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> WeightOnlyResult:
     """Weight-only quantization of ``model`` (.onnx) into ``output`` (.onnx), verified before it is written."""
@@ -146,25 +236,36 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
     non_constant = [name for name in kept if not any(re.search(p, name) for p in recipe.float_nodes)]
     if non_constant:
         logger.info("weight-only: %d MatMuls have no constant weight and stay float (e.g. %s)", len(non_constant), non_constant[0])
-    hessians: dict[str, HessianAccumulator] = {}
-    if recipe.method == "gptq":
+    quantized: dict[str, QuantizedWeight] = {}
+    if recipe.method == "rtn":
+        for node in planned:
+            quantized[node.name] = quantize_rtn(constant_weight(node), recipe.weights, pad=recipe.pad_groups)
+    else:
         tokenizer = load_tokenizer(source, tokenizer_dir)
         windows = calibration_windows(tokenizer, recipe.calibration)
-        inputs = list(dict.fromkeys(node.inputs[0].name for node in planned))
-        hessians = collect_statistics(source, inputs, windows, threads=recipe.calibration.threads, progress=progress,
-                                      make_accumulator=HessianAccumulator)
-    quantized: dict[str, QuantizedWeight] = {}
-    weights = 0
-    for node in planned:
-        weight = constant_weight(node)
-        if recipe.method == "rtn":
-            quantized[node.name] = quantize_rtn(weight, recipe.weights, pad=recipe.pad_groups)
+        stages = partition(graph) if recipe.sequential else None
+        if stages is None:
+            if recipe.sequential:
+                logger.warning("weight-only %s: the graph cannot be cut into blocks; calibrating on the float model", recipe.name)
+            inputs = list(dict.fromkeys(node.inputs[0].name for node in planned))
+            stats = collect_statistics(source, inputs, windows, threads=recipe.calibration.threads, progress=progress,
+                                       make_accumulator=HessianAccumulator)
+            quantized = _quantize_with_statistics(graph, planned, stats, recipe)
         else:
-            hessian = hessians[node.inputs[0].name].hessian
-            quantized[node.name] = gptq_quantize(weight, hessian, recipe.weights, damp=recipe.gptq.damp,
-                                                 block_size=recipe.gptq.block_size, act_order=recipe.gptq.act_order,
-                                                 pad=recipe.pad_groups)
-        weights += weight.size
+            planned_names = {node.name for node in planned}
+            runner = StagedCalibration(graph, stages, windows, threads=recipe.calibration.threads, progress=progress)
+            for stage in runner.stages():
+                nodes = [node for node in stage.nodes if node.name in planned_names]
+                if nodes:
+                    stats = runner.calibrate(stage, [node.inputs[0].name for node in nodes], HessianAccumulator)
+                    stage_quantized = _quantize_with_statistics(graph, nodes, stats, recipe)
+                    quantized.update(stage_quantized)
+                    if stage.outputs:
+                        for node in nodes:
+                            _write_fake_quantized(node, stage_quantized[node.name])
+                runner.advance(stage)
+            quantized = {node.name: quantized[node.name] for node in planned}
+    weights = sum(int(np.prod(q.shape)) for q in quantized.values())
     emit = WeightOnlyEmissionPass(quantized, recipe.emit)
     graph = emit(graph).model
     graph = CleanupPass()(graph).model

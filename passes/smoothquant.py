@@ -110,18 +110,23 @@ def private_constant(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value | N
 
 
 class SmoothQuantPass(ir.passes.InPlacePass):
-    """Fold SmoothQuant factors for every activation in ``channel_abs_max`` (tensor name -> [K])."""
+    """Fold SmoothQuant factors for every activation in ``channel_abs_max`` (tensor name -> [K]).
 
-    def __init__(self, channel_abs_max: Mapping[str, np.ndarray], config: SmoothQuantConfig = SmoothQuantConfig()) -> None:
+    ``factors`` (tensor name -> ``s [K]``) folds given factors instead of computing them (AWQ's
+    searched scales use the same folds)."""
+
+    def __init__(self, channel_abs_max: Mapping[str, np.ndarray], config: SmoothQuantConfig = SmoothQuantConfig(), *,
+                 factors: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.channel_abs_max = channel_abs_max
+        self.given_factors = dict(factors or {})
         self.config = config
         self.applied: dict[str, str] = {}  # tensor name -> how it was folded
         self.factors: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         values = {v.name: v for node in model.graph for v in node.outputs}
-        for name, abs_max in self.channel_abs_max.items():
+        for name in list(dict.fromkeys([*self.channel_abs_max, *self.given_factors])):
             activation = values.get(name)
             if activation is None:
                 logger.info("smoothquant: %s not produced by any node; skipped", name)
@@ -132,10 +137,14 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 continue
             weights = [constant_of(node.inputs[1]) for node in consumers]
             weight_abs_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-            if weight_abs_max.shape != np.shape(abs_max):
-                logger.info("smoothquant: %s has %s channels but weights %s; skipped", name, np.shape(abs_max), weight_abs_max.shape)
+            reference = self.given_factors.get(name, self.channel_abs_max.get(name))
+            if weight_abs_max.shape != np.shape(reference):
+                logger.info("smoothquant: %s has %s channels but weights %s; skipped", name, np.shape(reference), weight_abs_max.shape)
                 continue
-            scales = smoothing_scales(abs_max, weight_abs_max, self.config.alpha)
+            if name in self.given_factors:
+                scales = np.asarray(self.given_factors[name], dtype=np.float32)
+            else:
+                scales = smoothing_scales(self.channel_abs_max[name], weight_abs_max, self.config.alpha)
             how = self._divide_activation(model.graph, activation, scales, consumers)
             if how is None:
                 continue

@@ -435,3 +435,21 @@ def test_matmul_nbits_odd_blocks_and_padding(k, group_size, pad):
 def test_matmul_nbits_runs_gptq_output():
     w, x = _weight(), _correlated_inputs()
     _assert_matches_dequantized(gptq_quantize(w, _hessian(x), WeightQuantConfig(4, 32, False), act_order=True))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_from_streamed_hessian_matches_the_sample(symmetric):
+    """AWQ needs no kept sample: the streamed GPTQ Hessian gives the same scales, loss and clip ratios."""
+    w, x = _weight(), _outlier_inputs()
+    config = WeightQuantConfig(4, 32, symmetric)
+    hessian, count = None, 0
+    for chunk in np.array_split(x, 3):
+        hessian, count = hessian_accumulate(hessian, chunk, count)
+    abs_mean = np.abs(x).mean(axis=0)
+    scales, loss = awq_search(w, abs_mean, x, config, grid=10)
+    scales_h, loss_h = awq_search(w, abs_mean, None, config, grid=10, hessian=hessian)
+    np.testing.assert_array_equal(scales_h, scales)
+    assert loss_h == pytest.approx(loss, rel=1e-9)
+    np.testing.assert_array_equal(awq_clip_search(w, None, config, hessian=hessian), awq_clip_search(w, x, config))
+    with pytest.raises(ValueError, match="sample x or its Hessian"):
+        awq_search(w, abs_mean, None, config)

@@ -399,27 +399,36 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantCo
 
 
 class _OutputError:
-    """``sum (x D)^2`` for weight differences ``D [K, N]``, from ``x`` or from ``x^T x`` (cheaper when M > K)."""
+    """``sum (x D)^2 / M`` for weight differences ``D [K, N]``: from a sample ``x [M, K]`` directly, or
+    through the Gram matrix ``x^T x / M`` (cheaper when ``M > K``; also what a streamed GPTQ Hessian
+    ``H = 2 x^T x / M`` gives without keeping any sample: pass ``hessian=H``)."""
 
-    def __init__(self, x: np.ndarray, k: int) -> None:
+    def __init__(self, x: np.ndarray | None, k: int, *, hessian: np.ndarray | None = None) -> None:
+        if hessian is not None:
+            h = np.asarray(hessian, dtype=np.float64)
+            if h.shape != (k, k) or not np.isfinite(h).all():
+                raise ValueError(f"expected a finite Hessian [{k}, {k}], got shape {h.shape}")
+            self.gram, self.x = h / 2.0, None
+            return
+        if x is None:
+            raise ValueError("give a calibration sample x or its Hessian")
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != k or x.shape[0] == 0:
             raise ValueError(f"expected a sample [M, {k}] with M > 0, got shape {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("the sample contains NaN or infinity")
-        self.rows = x.shape[0]
-        self.gram = x.T @ x if x.shape[0] > k else None
+        self.gram = x.T @ x / x.shape[0] if x.shape[0] > k else None
         self.x = None if self.gram is not None else x
 
-    def sse(self, diff: np.ndarray) -> float:
+    def mean_sse(self, diff: np.ndarray) -> float:
         if self.gram is not None:
             return float(np.einsum("kn,kn->", diff, self.gram @ diff))
         out = self.x @ diff
-        return float(np.einsum("mn,mn->", out, out))
+        return float(np.einsum("mn,mn->", out, out)) / self.x.shape[0]
 
 
-def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray, config: WeightQuantConfig, *,
-               grid: int = 20, pad: bool = False) -> tuple[np.ndarray, float]:
+def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray | None, config: WeightQuantConfig, *,
+               grid: int = 20, pad: bool = False, hessian: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """AWQ per-input-channel scales ``s [K]`` (float32) and their loss ``mean (x W - (x/s) Q(W diag(s)))^2``.
 
     ``x_abs_mean [K]`` is the mean ``|x|`` per channel over the calibration set, ``x_sample [M, K]`` the
@@ -434,7 +443,7 @@ def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray,
         raise ValueError(f"x_abs_mean must be {k} finite non-negative values, got shape {a.shape}")
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
-    meter = _OutputError(x_sample, k)
+    meter = _OutputError(x_sample, k, hessian=hessian)
     base = np.maximum(a, AWQ_MIN_CHANNEL)
     best_loss, best_scales = math.inf, np.ones(k)
     for step in range(grid):
@@ -442,20 +451,22 @@ def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray,
         s = base**alpha
         s = s / math.sqrt(s.max() * s.min())
         w_hat = quantize_rtn(w * s[:, None], config, pad=pad).dequantize().astype(np.float64) / s[:, None]
-        loss = meter.sse(w - w_hat) / (meter.rows * n)
+        loss = meter.mean_sse(w - w_hat) / n
         if loss < best_loss:
             best_loss, best_scales = loss, s
     return best_scales.astype(np.float32), float(best_loss)
 
 
-def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray, config: WeightQuantConfig, *, grid: int = 20,
-                    max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 256) -> np.ndarray:
+def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: WeightQuantConfig, *, grid: int = 20,
+                    max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 256,
+                    hessian: np.ndarray | None = None) -> np.ndarray:
     """Per-group clip ratios ``[n_groups, N]`` (float64, for :func:`quantize_rtn`) minimising each group's
     output error ``mean_m (x_g[m] . (w_g - w_hat_g))^2`` on ``x_sample [M, K]``.
 
     Candidates are ``1 - i / grid`` for ``i = 0 .. round(max_shrink * grid)``; ratio 1 comes first
     and is only replaced by a strictly smaller error, so no group gets worse than unclipped RTN.
-    Works through ``column_chunk`` output columns at a time; memory is ``O(K (G + column_chunk))``.
+    With ``x_sample=None``, the per-group Gram matrices are the diagonal blocks of ``hessian = 2 x^T x / M``
+    (the same minimiser: the error is a quadratic form in the group's rows). Works through ``column_chunk`` output columns at a time; memory is ``O(K (G + column_chunk))``.
     """
     w = _as_weight(weight)
     k, n = w.shape
@@ -464,11 +475,24 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray, config: WeightQuan
     if column_chunk < 1:
         raise ValueError(f"column_chunk must be >= 1, got {column_chunk}")
     g = config.group_length(k, pad=pad)
-    x = np.asarray(x_sample, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != k or x.shape[0] == 0 or not np.isfinite(x).all():
-        raise ValueError(f"expected a finite sample [M, {k}] with M > 0, got shape {x.shape}")
-    xg = _group_view(x.T, g)  # [n_groups, G, M], zero rows past K
-    grams = xg @ xg.transpose(0, 2, 1)  # [n_groups, G, G]: x_g^T x_g per group
+    n_groups = -(-k // g)
+    if hessian is not None:
+        h = np.asarray(hessian, dtype=np.float64)
+        if h.shape != (k, k) or not np.isfinite(h).all():
+            raise ValueError(f"expected a finite Hessian [{k}, {k}], got shape {h.shape}")
+        grams = np.zeros((n_groups, g, g), dtype=np.float64)
+        for index in range(n_groups):
+            rows = slice(index * g, min((index + 1) * g, k))
+            length = rows.stop - rows.start
+            grams[index, :length, :length] = h[rows, rows] / 2.0
+    else:
+        if x_sample is None:
+            raise ValueError("give a calibration sample x or its Hessian")
+        x = np.asarray(x_sample, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != k or x.shape[0] == 0 or not np.isfinite(x).all():
+            raise ValueError(f"expected a finite sample [M, {k}] with M > 0, got shape {x.shape}")
+        xg = _group_view(x.T, g)  # [n_groups, G, M], zero rows past K
+        grams = xg @ xg.transpose(0, 2, 1)  # [n_groups, G, G]: x_g^T x_g per group
     ratios = [1.0 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
     best_ratio = np.ones((grams.shape[0], n), dtype=np.float64)
     for c0 in range(0, n, column_chunk):
