@@ -21,7 +21,8 @@ forwards; instead, the graph is cut into *stages* and each stage runs alone on c
   stages after it, and drops cached tensors no later stage reads.
 
 Cost: two forwards of the model per window in total, whatever the depth (plus one session per stage).
-Memory: the weights of one stage and, per window, the tensors that cross a stage boundary.
+Memory: the weights of one stage and, per window, the tensors that cross a stage boundary (those
+computed from constants alone, such as a transposed tied embedding, are kept once for all windows).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Stage:
     nodes: list[ir.Node]
     inputs: list[str]  # tensors read from outside the stage (graph inputs or earlier stages)
     outputs: list[str]  # tensors later stages read
+    window_independent: frozenset[str] = frozenset()  # outputs computed from constants only
 
     @property
     def label(self) -> str:
@@ -118,6 +120,11 @@ def partition(model: ir.Model) -> list[Stage] | None:
         for value in node.inputs:
             if value is not None and not _is_constant(value):
                 last_reader[value.name] = max(last_reader.get(value.name, key_of[node]), key_of[node])
+    constant_derived = set()
+    for node in graph:
+        if (node.op_type == "Constant" and node.domain == "") or (
+                node.inputs and all(v is None or _is_constant(v) or v.name in constant_derived for v in node.inputs)):
+            constant_derived.update(v.name for v in node.outputs)
     stages = []
     for key in keys:
         nodes = nodes_of[key]
@@ -125,7 +132,7 @@ def partition(model: ir.Model) -> list[Stage] | None:
         inputs = list(dict.fromkeys(v.name for n in nodes for v in n.inputs
                                     if v is not None and not _is_constant(v) and v.name not in produced))
         outputs = [name for name in dict.fromkeys(produced) if last_reader.get(name, key) > key]
-        stages.append(Stage(key, nodes, inputs, outputs))
+        stages.append(Stage(key, nodes, inputs, outputs, frozenset(outputs) & constant_derived))
     return stages
 
 
@@ -238,7 +245,10 @@ class StagedCalibration:
         """Compute ``stage``'s outputs with the model's current weights; forget what no later stage reads."""
         if stage.outputs:
             for index, arrays in self._run(stage, stage.outputs):
-                self.cache[index].update(zip(stage.outputs, arrays))
+                computed = dict(zip(stage.outputs, arrays))
+                for name in stage.window_independent:  # e.g. a transposed weight: keep one copy, not one per window
+                    computed[name] = self.cache[0].get(name, computed[name])
+                self.cache[index].update(computed)
         later = {name for s in self._stages if s.key > stage.key for name in s.inputs}
         for cached in self.cache:
             for name in [n for n in cached if n not in later]:

@@ -46,6 +46,9 @@ def test_staged_execution_equals_the_whole_graph(fixture, request):
             logits = [arrays[0] for _, arrays in runner._run(stage, ["logits"])]
         runner.advance(stage)
         assert all(set(cached) <= {n for s in stages if s.key > stage.key for n in s.inputs} for cached in runner.cache)
+        for name in stage.window_independent:  # e.g. the transposed tied embedding: one copy for all windows
+            assert all(cached[name] is runner.cache[0][name] for cached in runner.cache)
+    assert any(s.window_independent for s in stages)
 
     session = cpu_session(path, threads=1)
     signature = GraphSignature.of(session)
