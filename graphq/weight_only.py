@@ -50,6 +50,7 @@ from graphq.numerics.weight_only import (
     quantize_rtn,
 )
 from graphq.passes.cleanup import CleanupPass
+from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass, embedding_group, embedding_lookups
 from graphq.passes.qdq_insert import constant_weight
 from graphq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass, own_constant
 from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
@@ -58,6 +59,7 @@ from graphq.verify import verify_model_file
 logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "awq")
+EMBEDDING_MODES = ("quantized", "float")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
               "generation_config.json", "chat_template.jinja")
 
@@ -100,12 +102,18 @@ class WeightOnlyRecipe:
     gptq: GptqConfig = GptqConfig()
     awq: AwqConfig = AwqConfig()
     sequential: bool = True  # calibrate block b on the output of the already-quantized blocks before it
+    # "quantized": token embeddings become GatherBlockQuantized (RTN, rows in groups along the hidden
+    # dimension); a tied LM head and the embedding then share one set of codes (RTN: a lookup table
+    # has no input distribution for GPTQ/AWQ to exploit).
+    embedding: str = "quantized"
     calibration: CalibrationConfig = CalibrationConfig(windows=16)
     float_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise GraphqError(f"weight-only method must be one of {METHODS}, got '{self.method}'")
+        if self.embedding not in EMBEDDING_MODES:
+            raise GraphqError(f"weight-only embedding must be one of {EMBEDDING_MODES}, got '{self.embedding}'")
 
 
 class HessianAccumulator:
@@ -172,6 +180,24 @@ def _plan(model: ir.Model, recipe: WeightOnlyRecipe) -> tuple[list[ir.Node], lis
     return planned, kept
 
 
+def _tied_heads(model: ir.Model, planned: list[ir.Node], recipe: WeightOnlyRecipe) -> dict[str, tuple[str, WeightQuantConfig]]:
+    """Planned MatMuls whose weight is ``Transpose(E)`` with ``E`` also an embedding table: node name ->
+    (embedding initializer name, the RTN config that lets the lookup share the head's codes)."""
+    if recipe.embedding != "quantized" or recipe.emit.format != "matmulnbits":
+        return {}
+    tables = {gather.inputs[0].name for gather in embedding_lookups(model)}
+    tied = {}
+    for node in planned:
+        producer = node.inputs[1].producer()
+        if producer is None or producer.op_type != "Transpose" or producer.inputs[0].name not in tables:
+            continue
+        dim = producer.inputs[0].const_value.shape[1]
+        group = embedding_group(dim, recipe.weights.group_size)
+        if group is not None and recipe.weights.bits in (4, 8):
+            tied[node.name] = (producer.inputs[0].name, dataclasses.replace(recipe.weights, group_size=group))
+    return tied
+
+
 def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict[str, HessianAccumulator],
                               recipe: WeightOnlyRecipe) -> dict[str, QuantizedWeight]:
     """GPTQ or AWQ of ``nodes`` from the statistics of their inputs; AWQ folds its scales into ``graph``."""
@@ -236,9 +262,14 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
     non_constant = [name for name in kept if not any(re.search(p, name) for p in recipe.float_nodes)]
     if non_constant:
         logger.info("weight-only: %d MatMuls have no constant weight and stay float (e.g. %s)", len(non_constant), non_constant[0])
-    quantized: dict[str, QuantizedWeight] = {}
+    tied = _tied_heads(graph, planned, recipe)
+    quantized: dict[str, QuantizedWeight] = {name: quantize_rtn(constant_weight(node), tied[name][1])
+                                             for name, node in ((n.name, n) for n in planned) if name in tied}
+    if tied:
+        logger.info("weight-only: %s shares its codes with the embedding lookup (RTN, group %d)",
+                    ", ".join(tied), next(iter(tied.values()))[1].group_size)
     if recipe.method == "rtn":
-        for node in planned:
+        for node in (n for n in planned if n.name not in tied):
             quantized[node.name] = quantize_rtn(constant_weight(node), recipe.weights, pad=recipe.pad_groups)
     else:
         tokenizer = load_tokenizer(source, tokenizer_dir)
@@ -250,12 +281,12 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             inputs = list(dict.fromkeys(node.inputs[0].name for node in planned))
             stats = collect_statistics(source, inputs, windows, threads=recipe.calibration.threads, progress=progress,
                                        make_accumulator=HessianAccumulator)
-            quantized = _quantize_with_statistics(graph, planned, stats, recipe)
+            quantized.update(_quantize_with_statistics(graph, [n for n in planned if n.name not in tied], stats, recipe))
         else:
             planned_names = {node.name for node in planned}
             runner = StagedCalibration(graph, stages, windows, threads=recipe.calibration.threads, progress=progress)
             for stage in runner.stages():
-                nodes = [node for node in stage.nodes if node.name in planned_names]
+                nodes = [node for node in stage.nodes if node.name in planned_names and node.name not in tied]
                 if nodes:
                     stats = runner.calibrate(stage, [node.inputs[0].name for node in nodes], HessianAccumulator)
                     stage_quantized = _quantize_with_statistics(graph, nodes, stats, recipe)
@@ -268,6 +299,16 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
     weights = sum(int(np.prod(q.shape)) for q in quantized.values())
     emit = WeightOnlyEmissionPass(quantized, recipe.emit)
     graph = emit(graph).model
+    embedded = 0
+    if recipe.embedding == "quantized":
+        if recipe.emit.format == "matmulnbits":
+            tables = {g.name: g.inputs[0].const_value.shape for g in embedding_lookups(graph)}
+            shared = {table: f"{name}_Q{recipe.weights.bits}" for name, (table, _) in tied.items()}
+            lookup = EmbeddingQuantizationPass(EmbeddingQuantConfig(recipe.weights), shared=shared)
+            graph = lookup(graph).model
+            embedded = sum(int(np.prod(tables[g])) for g, how in lookup.rewritten.items() if how == "own")
+        else:
+            logger.info("weight-only: embeddings stay float with the %s format", recipe.emit.format)
     graph = CleanupPass()(graph).model
     float_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
                       if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -288,7 +329,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             if (source.parent / name).is_file() and not (output.parent / name).exists():
                 shutil.copy2(source.parent / name, output.parent / name)
     result = WeightOnlyResult(model_path=output, recipe=recipe, quantized_nodes=tuple(quantized), float_nodes=tuple(kept),
-                              quantized_weights=weights, float_bytes=float_bytes, file_bytes=file_bytes,
+                              quantized_weights=weights + embedded, float_bytes=float_bytes, file_bytes=file_bytes,
                               seconds=time.perf_counter() - start)
     logger.info("weight-only %s: %d MatMuls in %.1fs, %s", recipe.name, len(quantized), result.seconds, result.size_breakdown())
     return result
