@@ -54,14 +54,16 @@ def app(verbose: int, quiet: bool) -> None:
 @click.option("--with-past", is_flag=True, help="Export with KV-cache inputs/outputs (decoders).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-def export(model: str | None, output: Path, with_past: bool, overwrite: bool, opset: int | None) -> None:
+@click.option("--fuse", is_flag=True,
+              help="Also fuse norms, rotary embedding, attention and GELU into ONNX Runtime's contrib ops.")
+def export(model: str | None, output: Path, with_past: bool, overwrite: bool, opset: int | None, fuse: bool) -> None:
     """Export MODEL to a verified, canonicalised ONNX graph.
 
     MODEL is smollm2-135m (the default), a Hugging Face model folder, or a .gguf file.
     """
     from graphq.export import ExportConfig, export_model
 
-    result = export_model(model, output, ExportConfig(with_past=with_past, overwrite=overwrite, opset=opset))
+    result = export_model(model, output, ExportConfig(with_past=with_past, overwrite=overwrite, opset=opset, fuse=fuse))
     for record in result.passes:
         click.echo(f"  pass {record.summary()}")
     click.echo(
@@ -73,18 +75,31 @@ def export(model: str | None, output: Path, with_past: bool, overwrite: bool, op
 @app.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
-def optimize(model: Path, output: Path) -> None:
-    """Run the canonicalisation passes (cleanup, deduplication, shape inference) on an ONNX file."""
-    from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model
-    from graphq.passes import canonicalize_passes
+@click.option("--fuse", is_flag=True,
+              help="Also fuse norms, rotary embedding, attention and GELU into ONNX Runtime's contrib ops.")
+@click.option("--max-positions", type=int, default=None,
+              help="[--fuse] Rows of the rotary cos/sin cache (default: max_position_embeddings of the "
+                   "config.json beside MODEL; without one the cache is computed at run time).")
+def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -> None:
+    """Run the canonicalisation passes (cleanup, deduplication, shape inference) on an ONNX file,
+    and with --fuse the fusions into ONNX Runtime's contrib ops."""
+    from graphq.modelio import check_output_path, load_model, max_positions_beside, resolve_model_file, save_model
+    from graphq.passes import FusionConfig, FusionPass, canonicalize_passes
     from graphq.pipeline import run_pipeline
     from graphq.verify import verify_model_file
 
+    if max_positions is not None and not fuse:
+        raise GraphqError("--max-positions applies only with --fuse")
     source = resolve_model_file(model)
     check_output_path(output, [source, source.with_name(source.name + ".data")])
     if output.exists():
         raise OutputPathError(f"output {output} already exists; choose a new path")
-    result = run_pipeline(load_model(source), canonicalize_passes())
+    passes = canonicalize_passes()
+    fusion = None
+    if fuse:
+        fusion = FusionPass(FusionConfig(max_positions=max_positions or max_positions_beside(source)))
+        passes.append(fusion)
+    result = run_pipeline(load_model(source), passes)
     save_model(result.model, output)
     try:
         verify_model_file(output)
@@ -94,6 +109,8 @@ def optimize(model: Path, output: Path) -> None:
         raise
     for record in result.records:
         click.echo(f"  pass {record.summary()}")
+    if fusion is not None:
+        click.echo(f"  fused: {fusion.report.summary()}")
     click.echo(f"wrote {output}")
 
 
@@ -102,7 +119,7 @@ def optimize(model: Path, output: Path) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
               help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w4-rtn, w4-gptq, "
-                   "w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn) or a .json/.yaml recipe file.")
+                   "w4-awq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn) or a .json/.yaml recipe file.")
 @click.option("--alpha", type=float, default=None, help="[w8a8] SmoothQuant migration strength a in [0, 1].")
 @click.option("--no-smoothquant", is_flag=True, help="[w8a8] Disable SmoothQuant.")
 @click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,
@@ -115,6 +132,11 @@ def optimize(model: Path, output: Path) -> None:
 @click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq"]), default=None,
               help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21).")
 @click.option("--accuracy-level", type=int, default=None, help="[weight-only] MatMulNBits accuracy_level (0 unset; 4: int8 activations).")
+@click.option("--embedding", type=click.Choice(["quantized", "float"]), default=None,
+              help="[weight-only] Token embedding as GatherBlockQuantized (sharing a tied head's codes) or float.")
+@click.option("--sequential/--one-pass", default=None,
+              help="[weight-only gptq/awq] Calibrate each block on the already-quantized blocks before it (default) "
+                   "or all blocks on the float model in one pass.")
 @click.option("--calib-windows", type=int, default=None, help="Calibration windows of wiki.valid.tokens.")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text file.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")
@@ -122,7 +144,8 @@ def optimize(model: Path, output: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, no_smoothquant: bool,
              activations: str | None, range_method: str | None, bits: int | None, group_size: int | None,
-             asymmetric: bool | None, emit_format: str | None, accuracy_level: int | None, calib_windows: int | None,
+             asymmetric: bool | None, emit_format: str | None, accuracy_level: int | None, embedding: str | None,
+             sequential: bool | None, calib_windows: int | None,
              calib_text: Path | None, tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
     """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
     import dataclasses
@@ -137,7 +160,7 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
     w8a8_options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                     "--range": range_method}
     weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric, "--format": emit_format,
-                      "--accuracy-level": accuracy_level}
+                      "--accuracy-level": accuracy_level, "--embedding": embedding, "--sequential/--one-pass": sequential}
     is_w8a8 = isinstance(recipe, W8A8Recipe)
     misplaced = [k for k, v in (weight_options if is_w8a8 else w8a8_options).items() if v is not None]
     if misplaced:
@@ -161,6 +184,10 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
             if value is not None:
                 emit = dataclasses.replace(emit, **{field: value})
         recipe = dataclasses.replace(recipe, weights=weights, emit=emit)
+        if embedding is not None:
+            recipe = dataclasses.replace(recipe, embedding=embedding)
+        if sequential is not None:
+            recipe = dataclasses.replace(recipe, sequential=sequential)
     calibration = recipe.calibration
     if calib_windows is not None:
         calibration = dataclasses.replace(calibration, windows=calib_windows)

@@ -503,7 +503,9 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
             scale, zero = _params_from_groups(grouped, config, ratio)
             deq = (_codes(grouped, scale[:, None], zero[:, None], config.qmax).astype(np.float64)
                    - zero[:, None]) * scale[:, None].astype(np.float64)
-            diff = grouped - deq  # padded rows: 0 - 0 (a zero weight quantizes to its zero point)
+            # padded rows: 0 - 0 (a zero weight quantizes to its zero point); contiguous, or the batched
+            # matmul below falls back to a slow non-BLAS loop
+            diff = np.ascontiguousarray(grouped - deq)
             err = np.einsum("gin,gin->gn", diff, grams @ diff)
             better = err < best_err
             best_err = np.where(better, err, best_err)
