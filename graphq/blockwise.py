@@ -149,21 +149,31 @@ def _is_constant(value: ir.Value) -> bool:
     return value.const_value is not None and not value.is_graph_input()
 
 
-def stage_model(model: ir.Model, stage: Stage, outputs: Sequence[str], input_types: dict[str, np.dtype]) -> bytes:
+def stage_model(model: ir.Model, stage: Stage, outputs: Sequence[str], input_types: dict[str, np.dtype], *,
+                as_inputs: Iterable[str] = ()) -> bytes:
     """A serialized ONNX model of ``stage``'s nodes and constants, with the stage's external tensors
-    as inputs (typed from the arrays that will feed them) and ``outputs`` as outputs."""
-    constants = {}
+    as inputs (typed from the arrays that will feed them) and ``outputs`` as outputs.
+
+    Constants named in ``as_inputs`` become graph inputs too (after the stage's own inputs, typed and
+    shaped from their values), so a caller can feed other values for them at each run."""
+    fed = set(as_inputs)
+    constants, constant_inputs = {}, {}
     for node in stage.nodes:
         for value in node.inputs:
-            if value is not None and _is_constant(value) and value.name not in constants:
-                tensor = ir.serde.serialize_tensor(value.const_value)
-                tensor.name = value.name
-                constants[value.name] = tensor
+            if value is None or not _is_constant(value) or value.name in constants or value.name in constant_inputs:
+                continue
+            if value.name in fed:
+                constant_inputs[value.name] = onnx.helper.make_tensor_value_info(
+                    value.name, int(value.const_value.dtype), list(value.const_value.shape))
+                continue
+            tensor = ir.serde.serialize_tensor(value.const_value)
+            tensor.name = value.name
+            constants[value.name] = tensor
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(node) for node in stage.nodes],
         f"stage_{stage.key[0]}_{stage.key[1]}",
         [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(input_types[name])), None)
-         for name in stage.inputs],
+         for name in stage.inputs] + list(constant_inputs.values()),
         [onnx.ValueInfoProto(name=name) for name in outputs],
         initializer=list(constants.values()),
     )
@@ -208,7 +218,7 @@ class StagedCalibration:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors surface as exceptions; ORT's log would add stderr lines
         try:
             return ort.InferenceSession(stage_model(self.model, stage, outputs, types), options,
                                         providers=["CPUExecutionProvider"])

@@ -35,7 +35,7 @@ from graphq.errors import GraphqError
 from graphq.modelio import load_model, resolve_model_file, save_model
 from graphq.numerics.calibration import DEFAULT_BINS, RunningStats
 from graphq.runtime import GraphSignature, build_feeds
-from graphq.verify import cpu_session
+from graphq.verify import MAX_THREADS, cpu_session
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class CalibrationConfig:
         for name in ("windows", "window_tokens", "threads", "histogram_bins"):
             if getattr(self, name) < 1:
                 raise GraphqError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise GraphqError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
         _check_bins(self.histogram_bins)
         if self.text_path is not None:
             object.__setattr__(self, "text_path", Path(self.text_path))

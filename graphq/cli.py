@@ -7,6 +7,7 @@ one line too, with exit status 70; ``GRAPHQ_DEBUG=1`` shows its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     if verbose < 2:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # What TRANSFORMERS_VERBOSITY does at import, also when transformers is already imported
+        # (graphq.cli.main called in-process).
+        logging.getLogger("transformers").setLevel(logging.ERROR)
     # Never reach out to a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -83,7 +87,7 @@ def export(model: str | None, output: Path, with_past: bool, overwrite: bool, op
 def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -> None:
     """Run the canonicalisation passes (cleanup, deduplication, shape inference) on an ONNX file,
     and with --fuse the fusions into ONNX Runtime's contrib ops."""
-    from graphq.modelio import check_output_path, load_model, max_positions_beside, resolve_model_file, save_model
+    from graphq.modelio import check_output_path, load_model, max_positions_beside, resolve_model_file, save_verified
     from graphq.passes import FusionConfig, FusionPass, canonicalize_passes
     from graphq.pipeline import run_pipeline
     from graphq.verify import verify_model_file
@@ -100,13 +104,7 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
         fusion = FusionPass(FusionConfig(max_positions=max_positions or max_positions_beside(source)))
         passes.append(fusion)
     result = run_pipeline(load_model(source), passes)
-    save_model(result.model, output)
-    try:
-        verify_model_file(output)
-    except GraphqError:
-        for path in (output, output.with_name(output.name + ".data")):
-            path.unlink(missing_ok=True)
-        raise
+    save_verified(result.model, output, verify_model_file)
     for record in result.records:
         click.echo(f"  pass {record.summary()}")
     if fusion is not None:
@@ -119,7 +117,7 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
               help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w4-rtn, w4-gptq, "
-                   "w4-awq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn) or a .json/.yaml recipe file.")
+                   "w4-awq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, mixed) or a .json/.yaml recipe file.")
 @click.option("--alpha", type=float, default=None, help="[w8a8] SmoothQuant migration strength a in [0, 1].")
 @click.option("--no-smoothquant", is_flag=True, help="[w8a8] Disable SmoothQuant.")
 @click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,
@@ -134,9 +132,21 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--accuracy-level", type=int, default=None, help="[weight-only] MatMulNBits accuracy_level (0 unset; 4: int8 activations).")
 @click.option("--embedding", type=click.Choice(["quantized", "float"]), default=None,
               help="[weight-only] Token embedding as GatherBlockQuantized (sharing a tied head's codes) or float.")
+@click.option("--embedding-bits", type=click.Choice(["4", "8"]), default=None,
+              help="[weight-only] Bits of the quantized embedding (and of a tied LM head sharing its codes).")
 @click.option("--sequential/--one-pass", default=None,
               help="[weight-only gptq/awq] Calibrate each block on the already-quantized blocks before it (default) "
                    "or all blocks on the float model in one pass.")
+@click.option("--budget-bits", type=float, default=None,
+              help="[mixed] Average bits per weight (int4 g128 = 4.25, int8 = 8.25, float = 32; default 4.5).")
+@click.option("--target-ratio", type=float, default=None,
+              help="[mixed] Instead of a budget: the smallest plan with predicted perplexity ratio <= this.")
+@click.option("--analysis", "analysis_path", type=click.Path(path_type=Path), default=None,
+              help="[mixed] Sensitivity analysis of MODEL (graphq analyze); default: the cache, else computed.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="[mixed] Precision plan file (node name -> int4|int8|float) instead of planning from the analysis.")
+@click.option("--method", "mixed_method", type=click.Choice(["gptq", "rtn"]), default=None,
+              help="[mixed] How int4/int8 weights are rounded (default gptq, act_order).")
 @click.option("--calib-windows", type=int, default=None, help="Calibration windows of wiki.valid.tokens.")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text file.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")
@@ -145,22 +155,42 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, no_smoothquant: bool,
              activations: str | None, range_method: str | None, bits: int | None, group_size: int | None,
              asymmetric: bool | None, emit_format: str | None, accuracy_level: int | None, embedding: str | None,
-             sequential: bool | None, calib_windows: int | None,
+             embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
+             analysis_path: Path | None, plan_path: Path | None, mixed_method: str | None, calib_windows: int | None,
              calib_text: Path | None, tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
     """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
     import dataclasses
 
     from graphq.config import W8A8Recipe, dump_recipe, load_recipe
-    from graphq.modelio import write_text_atomic
+    from graphq.mixed import MixedRecipe
     from graphq.passes.smoothquant import SmoothQuantConfig
     from graphq.quantize import quantize_model
     from graphq.weight_only import quantize_weights
 
     recipe = load_recipe(recipe_name)
+    mixed_options = {"--budget-bits": budget_bits, "--target-ratio": target_ratio, "--analysis": analysis_path,
+                     "--plan": plan_path, "--method": mixed_method}
+    if isinstance(recipe, MixedRecipe):
+        misplaced = [k for k, v in {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
+                                    "--range": range_method, "--bits": bits, "--group-size": group_size,
+                                    "--asym/--sym": asymmetric, "--sequential/--one-pass": sequential}.items() if v is not None]
+        if misplaced:
+            raise GraphqError(f"{misplaced[0]} does not apply to the mixed recipe '{recipe.name}' (its precisions are int4/int8/float)")
+        if mixed_method is not None:
+            recipe = dataclasses.replace(recipe, method=mixed_method)
+        _quantize_mixed(model, output, recipe, budget_bits=budget_bits, target_ratio=target_ratio, analysis_path=analysis_path,
+                        plan_path=plan_path, emit_format=emit_format, accuracy_level=accuracy_level, embedding=embedding,
+                        calib_windows=calib_windows, calib_text=calib_text, tokenizer=tokenizer, save_recipe=save_recipe,
+                        overwrite=overwrite)
+        return
+    misplaced = [k for k, v in mixed_options.items() if v is not None]
+    if misplaced:
+        raise GraphqError(f"{misplaced[0]} applies to the mixed recipe only, not to '{recipe.name}'")
     w8a8_options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                     "--range": range_method}
     weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric, "--format": emit_format,
-                      "--accuracy-level": accuracy_level, "--embedding": embedding, "--sequential/--one-pass": sequential}
+                      "--accuracy-level": accuracy_level, "--embedding": embedding, "--embedding-bits": embedding_bits,
+                      "--sequential/--one-pass": sequential}
     is_w8a8 = isinstance(recipe, W8A8Recipe)
     misplaced = [k for k, v in (weight_options if is_w8a8 else w8a8_options).items() if v is not None]
     if misplaced:
@@ -186,6 +216,8 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
         recipe = dataclasses.replace(recipe, weights=weights, emit=emit)
         if embedding is not None:
             recipe = dataclasses.replace(recipe, embedding=embedding)
+        if embedding_bits is not None:
+            recipe = dataclasses.replace(recipe, embedding_bits=int(embedding_bits))
         if sequential is not None:
             recipe = dataclasses.replace(recipe, sequential=sequential)
     calibration = recipe.calibration
@@ -194,12 +226,15 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
     if calib_text is not None:
         calibration = dataclasses.replace(calibration, text_path=calib_text)
     recipe = dataclasses.replace(recipe, calibration=calibration)
+    _check_side_outputs(model, output, save_recipe)
     run = quantize_model if is_w8a8 else quantize_weights
+    before = _OutputFolder.snapshot(output.parent)
     result = run(model, output, recipe, tokenizer_dir=tokenizer, overwrite=overwrite)
     report = result.to_json()
-    write_text_atomic(output.with_suffix(".graphq.json"), json.dumps(report, indent=2) + "\n")
+    texts = [(output.with_suffix(".graphq.json"), json.dumps(report, indent=2) + "\n")]
     if save_recipe is not None:
-        write_text_atomic(save_recipe, dump_recipe(recipe, save_recipe))
+        texts.append((save_recipe, dump_recipe(recipe, save_recipe)))
+    _write_or_withdraw(output, texts, before)
     if is_w8a8:
         click.echo(
             f"quantized {len(report['quantized_nodes'])} MatMuls ({recipe.name}; {len(report['float_nodes'])} kept float; "
@@ -214,9 +249,194 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
             f"{'symmetric' if recipe.weights.symmetric else 'asymmetric'}, {recipe.emit.format}) -> {output} "
             f"in {result.seconds:.1f}s\n"
             f"  size: {result.file_bytes / 1e6:.1f} MB = {size['file_over_bound']:.3f}x the bound "
-            f"({size['quantized_weights']} weights x {size['bits_per_quantized_weight_bound']:.3f} bits "
+            f"({size['quantized_weights']} weights x {size['bits_per_quantized_weight']:.3f} bits "
             f"+ {size['float_initializer_bytes'] / 1e6:.1f} MB float initializers)"
         )
+
+
+def _quantize_mixed(model: Path, output: Path, recipe, *, budget_bits: float | None, target_ratio: float | None,
+                    analysis_path: Path | None, plan_path: Path | None, emit_format: str | None,
+                    accuracy_level: int | None, embedding: str | None, calib_windows: int | None,
+                    calib_text: Path | None, tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
+    """``graphq quantize --recipe mixed``: a precision per MatMul from a plan or the planner."""
+    import dataclasses
+
+    from graphq.config import dump_recipe
+    from graphq.mixed import quantize_mixed
+    from graphq.planner import load_plan
+
+    if budget_bits is not None and target_ratio is not None:
+        raise GraphqError("give either --budget-bits or --target-ratio, not both")
+    if budget_bits is not None:
+        recipe = dataclasses.replace(recipe, budget_bits=budget_bits, target_ratio=None)
+    elif target_ratio is not None:
+        recipe = dataclasses.replace(recipe, budget_bits=None, target_ratio=target_ratio)
+    emit = recipe.emit
+    for field, value in (("format", emit_format), ("accuracy_level", accuracy_level)):
+        if value is not None:
+            emit = dataclasses.replace(emit, **{field: value})
+    recipe = dataclasses.replace(recipe, emit=emit, **({"embedding": embedding} if embedding is not None else {}))
+    calibration = recipe.calibration  # GPTQ Hessians; the analysis keeps its own windows
+    if calib_windows is not None:
+        calibration = dataclasses.replace(calibration, windows=calib_windows)
+    if calib_text is not None:
+        calibration = dataclasses.replace(calibration, text_path=calib_text)
+        recipe = dataclasses.replace(recipe, analysis=dataclasses.replace(recipe.analysis, text_path=calib_text))
+    recipe = dataclasses.replace(recipe, calibration=calibration)
+    _check_side_outputs(model, output, save_recipe)
+    plan = load_plan(plan_path) if plan_path is not None else None
+    before = _OutputFolder.snapshot(output.parent)
+    result = quantize_mixed(model, output, recipe, plan=plan, analysis=analysis_path, tokenizer_dir=tokenizer,
+                            overwrite=overwrite)
+    texts = [(output.with_suffix(".graphq.json"), json.dumps(result.to_json(), indent=2) + "\n")]
+    if save_recipe is not None:
+        texts.append((save_recipe, dump_recipe(recipe, save_recipe)))
+    _write_or_withdraw(output, texts, before)
+    plan = result.plan
+    counts = ", ".join(f"{n} {p}" for p, n in sorted(plan.counts().items()))
+    predicted = "" if plan.predicted_kl != plan.predicted_kl else f", predicted KL {plan.predicted_kl:.4f} (ppl x{plan.predicted_ratio:.3f})"
+    click.echo(f"quantized {len(plan.assignments)} MatMuls (mixed: {counts}) at {plan.average_bits:.3f} bits per weight"
+               f"{predicted} -> {output} in {result.seconds:.1f}s [{result.file_bytes / 1e6:.1f} MB]")
+
+
+@app.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Analysis JSON to write (also the cache: reused when it is this model's with the same options).")
+@click.option("--windows", type=int, default=None, help="Calibration windows of wiki.valid.tokens (default 4).")
+@click.option("--window-tokens", type=int, default=None, help="Tokens per calibration window (default 128).")
+@click.option("--precisions", default=None, help="Comma-separated precisions to measure (default int4,int8).")
+@click.option("--measured-others", type=int, default=None,
+              help="Replays at the non-int4 precisions, most damaged nodes first (default 16; -1: every node).")
+@click.option("--lens", "lens_nodes", type=int, default=None, help="Nodes given the perturbation lens (default 8; 0: none).")
+@click.option("--lens-nodes", "lens_select", multiple=True, help="Regular expression: lens these nodes (repeatable).")
+@click.option("--lens-scope", type=click.Choice(["tensor", "group"]), default=None,
+              help="Match the noise variance to the error per tensor (default) or per quantization group.")
+@click.option("--outlier-ratio", type=float, default=None, help="Outlier channel: abs-max above this x the median (default 6).")
+@click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text file.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default 2).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file even if it is another model's analysis.")
+def analyze(model: Path, output: Path | None, windows: int | None, window_tokens: int | None, precisions: str | None,
+            measured_others: int | None, lens_nodes: int | None, lens_select: tuple[str, ...], lens_scope: str | None,
+            outlier_ratio: float | None, calib_text: Path | None, threads: int | None, tokenizer: Path | None,
+            overwrite: bool) -> None:
+    """Sensitivity of every quantizable MatMul of MODEL (.onnx), activation statistics, perturbation lens."""
+    from graphq.sensitivity import AnalysisConfig, analyze_model
+
+    options = {"windows": windows, "window_tokens": window_tokens, "measured_others": measured_others,
+               "lens_nodes": lens_nodes, "lens_scope": lens_scope, "outlier_ratio": outlier_ratio,
+               "text_path": calib_text, "threads": threads,
+               "precisions": tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None,
+               "lens_select": lens_select or None}
+    config = AnalysisConfig(**{k: v for k, v in options.items() if v is not None})
+    if windows is not None and config.batch > windows:
+        config = AnalysisConfig(**{**{k: v for k, v in options.items() if v is not None}, "batch": windows})
+    if output is not None:
+        from graphq.modelio import check_output_path, resolve_model_file
+
+        check_output_path(output, [resolve_model_file(model)])
+    analysis = analyze_model(model, config, output=output, tokenizer_dir=tokenizer, overwrite=overwrite)
+    ranked = sorted(analysis.nodes, key=lambda n: -n.damage["int4"].kl)
+    click.echo(f"analysed {len(analysis.nodes)} MatMuls of {analysis.model_path} on {analysis.tokens} tokens "
+               f"in {analysis.timing['seconds']:.0f}s ({analysis.timing['replays']} replays, "
+               f"{analysis.timing['cpu_seconds']:.0f} CPU s); float NLL {analysis.float_nll:.4f}")
+    click.echo("most sensitive at int4 (mean KL):")
+    for node in ranked[:10]:
+        click.echo(f"  {node.damage['int4'].kl:10.5f}  {node.name}")
+    outliers = sorted({c for r in analysis.residual for c in r.outlier_channels[:3]})
+    if outliers:
+        click.echo(f"residual-stream outlier channels: {outliers}")
+    if output is not None:
+        click.echo(f"wrote {output}")
+
+
+@app.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Report folder (index.html, model.onnx).")
+@click.option("--analysis", "analysis_path", type=click.Path(path_type=Path), default=None,
+              help="Sensitivity analysis (graphq analyze); default: the cache, else computed for MODEL.")
+@click.option("--budget-bits", type=float, default=4.5, show_default=True, help="Budget of the plan shown.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None, help="Show this plan instead.")
+@click.option("--measured", "measured_path", type=click.Path(path_type=Path), default=None,
+              help="JSON list of measured plans [{label, average_bits, perplexity, float_perplexity}] for the Pareto plot.")
+@click.option("--no-model", is_flag=True, help="Do not write the annotated copy of MODEL.")
+@click.option("--serve", is_flag=True, help="Open the annotated model in Netron on localhost (netron package).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
+def inspect(model: Path, output: Path, analysis_path: Path | None, budget_bits: float, plan_path: Path | None,
+            measured_path: Path | None, no_model: bool, serve: bool, overwrite: bool) -> None:
+    """A self-contained HTML report of MODEL's analysis and plan, and a copy with node metadata for Netron."""
+    from graphq.report import ReportConfig, write_report
+
+    result = write_report(model, output, ReportConfig(budget_bits=budget_bits), analysis=analysis_path, plan=plan_path,
+                          measured=measured_path, annotate_model=not no_model, overwrite=overwrite)
+    click.echo(f"wrote {result.html}" + (f" and {result.model}" if result.model else ""))
+    if serve:
+        if result.model is None:
+            raise GraphqError("--serve needs the annotated model; drop --no-model")
+        try:
+            import netron
+        except ImportError as error:
+            raise GraphqError("--serve needs the netron package (pip install netron)") from error
+        netron.start(str(result.model), browse=False)
+        click.echo("Netron serves the model on localhost; press Ctrl+C to stop")
+        netron.wait()
+
+
+def _check_side_outputs(model: Path, output: Path, save_recipe: Path | None) -> None:
+    """Refuse a --save-recipe path that would overwrite the input model, its external data, or the output."""
+    from graphq.modelio import check_output_path, output_files, resolve_model_file
+
+    if save_recipe is None:
+        return
+    check_output_path(save_recipe, [resolve_model_file(model)])
+    if save_recipe.resolve() in {path.resolve() for path in output_files(output)}:
+        raise OutputPathError(f"--save-recipe {save_recipe} is one of the output files of {output}; choose another path")
+
+
+@dataclasses.dataclass(frozen=True)
+class _OutputFolder:
+    """The output folder before a command wrote to it: its entries, and the folders that did not exist."""
+
+    folder: Path
+    entries: frozenset[str]
+    missing: tuple[Path, ...]
+
+    @classmethod
+    def snapshot(cls, folder: Path) -> _OutputFolder:
+        from graphq.modelio import missing_folders
+
+        entries = frozenset(os.listdir(folder)) if folder.is_dir() else frozenset()
+        return cls(folder, entries, tuple(missing_folders(folder)))
+
+    def withdraw(self, output: Path) -> None:
+        """Remove the output files and everything new in the folder since the snapshot."""
+        from graphq.modelio import output_files, remove_empty
+
+        for path in output_files(output):
+            path.unlink(missing_ok=True)
+        if self.folder.is_dir():
+            for name in set(os.listdir(self.folder)) - self.entries:
+                if (self.folder / name).is_file():
+                    (self.folder / name).unlink()
+        remove_empty(list(self.missing))
+
+
+def _write_or_withdraw(output: Path, texts: list[tuple[Path, str]], before: _OutputFolder) -> None:
+    """Write the report files of a model just moved to ``output``; if one cannot be written, withdraw the
+    model and everything the command added beside it, so a failed command leaves no partial output."""
+    from graphq.modelio import write_text_atomic
+
+    written: list[Path] = []
+    try:
+        for path, text in texts:
+            write_text_atomic(path, text)
+            written.append(path)
+    except GraphqError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        before.withdraw(output)
+        raise
 
 
 @app.command("eval")

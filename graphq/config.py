@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +23,7 @@ from graphq.passes.qdq_insert import QdqConfig
 from graphq.passes.smoothquant import SmoothQuantConfig
 from graphq.numerics.weight_only import WeightQuantConfig
 from graphq.weight_only import GptqConfig, WeightOnlyRecipe
+from graphq.mixed import MixedRecipe
 
 RECIPE_FORMAT_VERSION = 1
 
@@ -66,10 +69,12 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
     "w4-gptq-g32-asym": WeightOnlyRecipe(name="w4-gptq-g32-asym", method="gptq",
                                          weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
     "w8-rtn": WeightOnlyRecipe(name="w8-rtn", weights=WeightQuantConfig(bits=8, group_size=128, symmetric=True)),
+    # int4 / int8 / float per MatMul from the sensitivity analysis, within 4.5 bits per weight.
+    "mixed": MixedRecipe(),
 }
 
 # "kind" written into recipe files -> the dataclass that reads them.
-RECIPE_KINDS = {"w8a8": W8A8Recipe, "weight-only": WeightOnlyRecipe}
+RECIPE_KINDS = {"w8a8": W8A8Recipe, "weight-only": WeightOnlyRecipe, "mixed": MixedRecipe}
 
 
 def _to_plain(value):
@@ -83,7 +88,7 @@ def _to_plain(value):
     return value
 
 
-def recipe_to_dict(recipe: W8A8Recipe | WeightOnlyRecipe) -> dict:
+def recipe_to_dict(recipe: W8A8Recipe | WeightOnlyRecipe | MixedRecipe) -> dict:
     kind = next(k for k, cls in RECIPE_KINDS.items() if isinstance(recipe, cls))
     return {"format_version": RECIPE_FORMAT_VERSION, "kind": kind, **_to_plain(recipe)}
 
@@ -105,10 +110,47 @@ def _from_plain(annotation, data, where: str):
             raise GraphqError(f"recipe: unknown key(s) {sorted(unknown)} in '{where}'")
         return annotation(**{k: _from_plain(hints[k], v, f"{where}.{k}") for k, v in data.items()})
     if origin in (tuple, frozenset):
-        return origin(data)
+        if not isinstance(data, list):
+            raise GraphqError(f"recipe: '{where}' must be a list, got {_shown(data)}")
+        (item_type, *_) = typing.get_args(annotation)
+        return origin(_from_plain(item_type, item, f"{where}[{index}]") for index, item in enumerate(data))
     if annotation is Path:
+        if not isinstance(data, str) or not data:
+            raise GraphqError(f"recipe: '{where}' must be a path (a string), got {_shown(data)}")
         return Path(data)
-    return data
+    return _scalar(annotation, data, where)
+
+
+_SCALAR_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _shown(data) -> str:
+    text = repr(data)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _scalar(annotation, data, where: str):
+    """``data`` if it has the scalar type ``annotation`` (an int is a valid float; a bool is no number)."""
+    if annotation not in _SCALAR_NAMES:
+        return data
+    valid = {
+        bool: isinstance(data, bool),
+        int: isinstance(data, int) and not isinstance(data, bool),
+        float: isinstance(data, (int, float)) and not isinstance(data, bool) and math.isfinite(data),
+        str: isinstance(data, str),
+    }[annotation]
+    if not valid:
+        raise GraphqError(f"recipe: '{where}' must be {_SCALAR_NAMES[annotation]}, got {_shown(data)}")
+    return float(data) if annotation is float else data
+
+
+def _check_patterns(recipe) -> None:
+    """Node-name patterns must be valid regular expressions."""
+    for pattern in getattr(recipe, "float_nodes", ()):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise GraphqError(f"recipe: float_nodes pattern {pattern!r} is not a valid regular expression ({error})") from error
 
 
 def recipe_from_dict(data: dict) -> W8A8Recipe | WeightOnlyRecipe:
@@ -120,9 +162,11 @@ def recipe_from_dict(data: dict) -> W8A8Recipe | WeightOnlyRecipe:
     if kind not in RECIPE_KINDS:
         raise GraphqError(f"recipe: kind '{kind}' is not supported (supported: {', '.join(RECIPE_KINDS)})")
     try:
-        return _from_plain(RECIPE_KINDS[kind], data, "recipe")
+        recipe = _from_plain(RECIPE_KINDS[kind], data, "recipe")
     except TypeError as error:
         raise GraphqError(f"recipe: {error}") from error
+    _check_patterns(recipe)
+    return recipe
 
 
 def load_recipe(name_or_path: str) -> W8A8Recipe | WeightOnlyRecipe:
@@ -132,7 +176,12 @@ def load_recipe(name_or_path: str) -> W8A8Recipe | WeightOnlyRecipe:
     path = Path(name_or_path)
     if not path.is_file():
         raise GraphqError(f"unknown recipe '{name_or_path}' (built-in: {', '.join(RECIPES)}; or a .json/.yaml file)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise GraphqError(f"{path}: the recipe is not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except OSError as error:
+        raise GraphqError(f"{path}: cannot read the recipe ({error.strerror or error})") from error
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

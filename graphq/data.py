@@ -17,6 +17,8 @@ WIKITEXT_VALID = DATA_DIR / "wiki.valid.tokens"
 
 def read_text(path: Path) -> str:
     """Read a UTF-8 text file, with a clear error for a missing, empty or non-UTF-8 file."""
+    if Path(path).exists() and not Path(path).is_file():  # a folder, or a FIFO / device that could block forever
+        raise GraphqError(f"{path}: not a regular file")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as error:

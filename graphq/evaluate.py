@@ -38,8 +38,8 @@ from tqdm import tqdm
 from graphq.data import WIKITEXT_TEST, read_text
 from graphq.errors import GraphqError
 from graphq.modelio import read_model_proto, resolve_model_file
-from graphq.runtime import GraphSignature, build_feeds, next_cache
-from graphq.verify import cpu_session
+from graphq.runtime import ORT_ERRORS, GraphSignature, build_feeds, check_token_ids, logits_size, next_cache
+from graphq.verify import MAX_THREADS, cpu_session
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class EvalConfig:
                 raise GraphqError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.window_tokens < 2:
             raise GraphqError("window-tokens must be at least 2 (one token predicts the next)")
+        if self.threads > MAX_THREADS:
+            raise GraphqError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,12 +218,17 @@ def evaluate_model(
     except Exception as error:
         raise GraphqError(f"{model_path}: ONNX Runtime cannot load the model: {str(error).splitlines()[0]}") from error
     signature = GraphSignature.of(session)
-    ppl = perplexity(session, windows, progress)
+    check_token_ids(windows, logits_size(session), tokenizer_dir or model_path.parent)
     prefill = decode = None
-    if config.measure_speed:
-        prefill = prefill_seconds(session, windows[0], config.prefill_repeats)
-        if signature.has_kv_cache:
-            decode = decode_tokens_per_s(session, windows[0][: config.decode_prompt_tokens], config)
+    try:
+        ppl = perplexity(session, windows, progress)
+        if config.measure_speed:
+            prefill = prefill_seconds(session, windows[0], config.prefill_repeats)
+            if signature.has_kv_cache:
+                decode = decode_tokens_per_s(session, windows[0][: config.decode_prompt_tokens], config)
+    except ORT_ERRORS as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GraphqError(f"{model_path}: ONNX Runtime failed while evaluating: {first}") from error
     return EvalResult(
         model=str(model_path),
         perplexity=ppl,

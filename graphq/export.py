@@ -21,7 +21,7 @@ import numpy as np
 from graphq.errors import GraphqError, OutputPathError, UnsupportedModelError
 from graphq.modelio import check_output_path, load_model, save_model, staging_dir
 from graphq.models.resolve import resolve_model
-from graphq.passes import canonicalize_passes
+from graphq.passes import FusionConfig, FusionPass, canonicalize_passes
 from graphq.pipeline import PassRecord, run_pipeline
 from graphq.runtime import GraphSignature, build_feeds
 from graphq.verify import cpu_session, verify_model_file
@@ -46,6 +46,7 @@ class ExportConfig:
     overwrite: bool = False
     opset: int | None = None
     parity_tokens: int = 16
+    fuse: bool = False  # also run graphq.passes.fusion (ORT contrib ops); parity is checked on the fused graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,11 @@ def export_model(model: str | None, output_dir: str | os.PathLike, config: Expor
         logger.info("exporting %s (task %s)", resolved.source, task)
         _run_optimum_export(resolved.hf_dir, raw_dir, task, config.opset)
         graph = load_model(raw_dir / "model.onnx")
-        result = run_pipeline(graph, canonicalize_passes())
+        passes = canonicalize_passes()
+        if config.fuse:
+            hf_config = json.loads((resolved.hf_dir / "config.json").read_text(encoding="utf-8"))
+            passes.append(FusionPass(FusionConfig(max_positions=hf_config.get("max_position_embeddings"))))
+        result = run_pipeline(graph, passes)
         final_dir.mkdir()
         result.model.metadata_props.update(
             {"graphq.source": resolved.source, "graphq.task": task}

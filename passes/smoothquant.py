@@ -189,7 +189,10 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         mul = ir.node("Mul", [activation, inverse], name=f"{activation.name}/smooth_mul")
         smoothed = mul.outputs[0]
         smoothed.name = f"{activation.name}/smoothed"
-        smoothed.dtype, smoothed.shape = activation.dtype, activation.shape
+        if activation.dtype is not None:  # graphs without type information stay without it
+            smoothed.dtype = activation.dtype
+        if activation.shape is not None:
+            smoothed.shape = activation.shape
         if activation.producer() is not None:
             graph.insert_after(activation.producer(), mul)
         else:  # a graph input: the start of the graph keeps the order topological

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from conftest import sha256_tree
@@ -55,6 +56,44 @@ def test_compares_methods_on_tiny_model(bench, tiny_llama_past_onnx, tmp_path, c
 
     table = capsys.readouterr().out
     assert "ort-static-qdq" in table and "failed: " in table and "wiki.test.raw" in table
+
+
+def test_ort_int4_weight_only_peers_on_tiny_model(bench, tiny_llama_past_onnx, tmp_path):
+    model_dir = tiny_llama_past_onnx.parent
+    json_path = tmp_path / "bench.json"
+    status = bench.main([
+        "--model", str(model_dir), "--work-dir", str(tmp_path / "bench"), "--json", str(json_path),
+        "--windows", "1", "--calib-windows", "1", "--repeats", "1", "--threads", "1",
+        "--methods", "float," + ",".join(bench.NBITS_METHODS),
+    ])
+    assert status == 0
+    document = json.loads(json_path.read_text())
+    rows = {row["method"]: row for row in document["rows"]}
+    assert list(rows) == ["float", "ort-nbits-rtn-g128", "ort-nbits-hqq-g128", "ort-nbits-gptq-g128"]
+    assert set(document["protocol"]["ort_nbits"]) == set(bench.NBITS_METHODS)
+    for method in bench.NBITS_METHODS:
+        row = rows[method]
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["perplexity"]) and row["size_ratio"] < 1 and row["speed_ratio"] > 0
+        proto = onnx.load(row["model_path"])
+        nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits, method
+        for node in nbits:
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attributes["bits"] == 4 and attributes["block_size"] == 128
+            # symmetric RTN/GPTQ carry no zero point; HQQ is asymmetric by construction
+            assert (len(node.input) > 3) == (method == "ort-nbits-hqq-g128"), (method, node.input)
+
+
+def test_unavailable_peer_is_a_skipped_row(bench, monkeypatch, capsys):
+    def unavailable(*args):
+        raise bench.PeerUnavailable("this onnxruntime has no MatMulNBits quantizer")
+
+    monkeypatch.setattr(bench, "ort_quantize", unavailable)
+    assert bench.worker_main(["ort-nbits-gptq-g128", "in.onnx", "out.onnx", "1", "."]) == bench.EXIT_SKIPPED
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("bench_quality: skipped: this onnxruntime has no MatMulNBits quantizer")
+    assert bench.error_line(stderr, bench.EXIT_SKIPPED).endswith("has no MatMulNBits quantizer")
 
 
 @pytest.mark.parametrize("argv", [["--methods", "float,nope"], ["--methods", "graphq:../x"], ["--windows", "0"],

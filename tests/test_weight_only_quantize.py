@@ -41,7 +41,9 @@ def test_recipe_end_to_end(name, tiny_llama_onnx, float_ppl, tmp_path):
     model = ir.load(out)
     fused = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(fused) == len(result.quantized_nodes) == 15
-    assert {n.attributes["bits"].value for n in fused} == {recipe.weights.bits}
+    # The tied LM head shares its codes with the embedding lookup, in embedding_bits (8 by default).
+    assert {n.attributes["bits"].value for n in fused if not n.name.startswith("/lm_head/")} == {recipe.weights.bits}
+    assert {n.attributes["bits"].value for n in fused if n.name.startswith("/lm_head/")} == {recipe.embedding_config.bits}
     # Attention and rotary MatMuls have no constant weight: reported and left float.
     assert len(result.float_nodes) == 5 and all(n.op_type != "MatMul" or n.name in result.float_nodes for n in model.graph)
     assert json.loads(model.metadata_props["graphq.recipe"])["name"] == name

@@ -1,6 +1,7 @@
-"""Compare W8A8 quantization methods on one float ONNX language model: one run, one table.
+"""Compare quantization methods (W8A8 and INT4 weight-only) on one float ONNX language model: one run, one table.
 
     python tools/bench_quality.py [--model DIR] [--methods float,ort-dynamic,ort-static-qdq,graphq:w8a8,...]
+    python tools/bench_quality.py --methods float,ort-nbits-rtn-g128,ort-nbits-hqq-g128,ort-nbits-gptq-g128,graphq:w4-rtn,graphq:w4-gptq
         [--windows 40] [--calib-windows 8] [--threads 2] [--repeats 5] [--work-dir runs/bench] [--json PATH]
 
 Protocol (every number in the table comes from this one run):
@@ -17,6 +18,20 @@ Protocol (every number in the table comes from this one run):
   a constant weight (the linear layers, as quantize_dynamic; MatMul outputs stay float), calibrated
   on ``--calib-windows`` windows of 512 tokens of ``wiki.valid.tokens`` (calibration text only,
   never the evaluation text), each fed from an empty KV cache.
+  ``ort-nbits-*-g128``: ONNX Runtime's own INT4 weight-only quantizer
+  (onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer, emitting MatMulNBits with
+  ``accuracy_level`` unset) on the MatMuls whose weight is an initializer (the linear layers; a tied
+  LM head that reads ``Transpose(embedding)`` stays float), blocks of 128 along the input dimension:
+  ``ort-nbits-rtn-g128``: DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True), round to nearest.
+  ``ort-nbits-hqq-g128``: HQQWeightOnlyQuantConfig(block_size=128, bits=4) (half-quadratic search of
+  scale and zero point, asymmetric by construction; uses torch, no data).
+  ``ort-nbits-gptq-g128``: GPTQWeightOnlyQuantConfig (ORT's vendored neural-compressor GPTQ:
+  percdamp 0.01, lazy-batch block 128, no act-order, per channel) with groups of 128, symmetric,
+  the Hessians from ``--calib-windows`` windows of ``wiki.valid.tokens`` read with
+  graphq.calibrate.calibration_windows (512 tokens each, empty KV cache). ORT runs the whole graph
+  once per distinct MatMul input per window, so it is slow (about 120 x windows forward passes).
+  A peer this onnxruntime cannot run (a quantizer or config class it lacks, a missing optional
+  package) becomes a row with status ``skipped: <why>``, never a silent omission.
   ``graphq:RECIPE``: ``graphq quantize MODEL.onnx -o OUT/model.onnx --recipe RECIPE``.
   ORT methods run in a child process of this tool and graphq methods through the graphq CLI, so a
   crash or an out-of-memory kill only fails that method's row (status column).
@@ -54,7 +69,9 @@ from pathlib import Path
 logger = logging.getLogger("bench_quality")
 
 DEFAULT_METHODS = ("float", "ort-dynamic", "ort-static-qdq", "graphq:w8a8", "graphq:w8a8-static")
-ORT_METHODS = ("ort-dynamic", "ort-static-qdq")
+NBITS_METHODS = ("ort-nbits-rtn-g128", "ort-nbits-hqq-g128", "ort-nbits-gptq-g128")
+ORT_METHODS = ("ort-dynamic", "ort-static-qdq", *NBITS_METHODS)
+NBITS_BLOCK = 128
 RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 WINDOW_TOKENS = 512
 # A file in every method folder this tool writes: only such folders are ever replaced.
@@ -62,6 +79,8 @@ MARKER = ".bench_quality"
 WORKER_COMMAND = "_ort-worker"  # internal: `bench_quality.py _ort-worker METHOD SRC DST CALIB TOKENIZER`
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_SKIPPED = 3  # worker: this onnxruntime cannot run the peer here (the reason is on stderr)
+SKIPPED = "skipped: "
 
 # quantize_static options (onnxruntime.quantization 1.2x-1.3x). ActivationSymmetric gives int8
 # activations a zero point of 0 and CalibTensorRangeSymmetric makes the calibrated ranges symmetric
@@ -101,7 +120,7 @@ class BenchConfig:
 @dataclasses.dataclass(frozen=True)
 class Row:
     method: str
-    status: str  # "ok" or "failed: <why>"
+    status: str  # "ok", "failed: <why>" or "skipped: <why>"
     model_path: str | None
     perplexity: float | None
     perplexity_ratio: float | None
@@ -127,7 +146,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
             if not RECIPE_NAME.match(method.removeprefix("graphq:")):
                 raise UsageError(f"bad graphq recipe name in '{method}' (letters, digits, '.', '_', '-')")
             continue
-        raise UsageError(f"unknown method '{method}' (float, ort-dynamic, ort-static-qdq or graphq:RECIPE)")
+        raise UsageError(f"unknown method '{method}' ({', '.join(('float', *ORT_METHODS))} or graphq:RECIPE)")
     if len(set(methods)) != len(methods):
         raise UsageError(f"a method is listed twice in --methods {text}")
     return methods
@@ -142,7 +161,8 @@ def error_line(stderr: str, returncode: int) -> str:
     """The line of a child's stderr that says what went wrong, else its first line, else the exit status."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in lines:
-        if line.startswith(("graphq: error", "graphq: internal error", "Error:", "bench_quality: error")):
+        if line.startswith(("graphq: error", "graphq: internal error", "Error:", "bench_quality: error",
+                            "bench_quality: skipped")):
             return line
     if lines:
         return lines[0]
@@ -205,6 +225,8 @@ def quantize(config: BenchConfig, method: str, out_dir: Path) -> tuple[str, floa
     seconds = time.perf_counter() - start
     if done.stderr.strip():
         logger.debug("%s stderr:\n%s", method, done.stderr.rstrip())
+    if done.returncode == EXIT_SKIPPED and not method.startswith("graphq:"):
+        return SKIPPED + error_line(done.stderr, done.returncode).removeprefix("bench_quality: skipped: "), seconds
     if done.returncode != 0:
         return f"failed: {error_line(done.stderr, done.returncode)}", seconds
     if not target.is_file():
@@ -215,14 +237,93 @@ def quantize(config: BenchConfig, method: str, out_dir: Path) -> tuple[str, floa
 # ---------------------------------------------------------------- ORT quantization (child process)
 
 
+class PeerUnavailable(Exception):
+    """This onnxruntime (or its optional dependencies) cannot run the peer on this machine."""
+
+
 def calibration_windows(tokenizer_dir: Path, count: int):
     """The first ``count`` 512-token windows of wiki.valid.tokens (calibration text, never evaluation)."""
-    from graphq.data import WIKITEXT_VALID, read_text
-    from graphq.evaluate import EvalConfig, load_tokenizer, token_windows
+    from graphq.calibrate import CalibrationConfig
+    from graphq.calibrate import calibration_windows as windows_of
+    from graphq.evaluate import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir / "model.onnx", tokenizer_dir)
-    ids = tokenizer(read_text(WIKITEXT_VALID), add_special_tokens=False)["input_ids"]
-    return token_windows(ids, EvalConfig(windows=count, window_tokens=WINDOW_TOKENS))
+    return windows_of(tokenizer, CalibrationConfig(windows=count, window_tokens=WINDOW_TOKENS))
+
+
+class WindowFeeds:
+    """An ORT CalibrationDataReader over token windows, one empty-KV-cache forward pass each.
+
+    Holds a list and a position (not a generator) so that ORT's GPTQ can deep-copy it."""
+
+    def __init__(self, signature, windows) -> None:
+        from graphq.runtime import build_feeds
+
+        self.feeds = [build_feeds(signature, window[None, :]) for window in windows]
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def __iter__(self):
+        return iter(self.feeds[self.position:])
+
+
+def nbits_quantizer_module():
+    """ORT's weight-only quantizer module (``matmul_nbits_quantizer``; ``matmul_4bits_quantizer`` before 1.20)."""
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as module
+    except ImportError:
+        try:
+            from onnxruntime.quantization import matmul_4bits_quantizer as module
+        except ImportError as error:
+            raise PeerUnavailable(f"this onnxruntime has no MatMulNBits quantizer ({error})") from error
+    quantizer = getattr(module, "MatMulNBitsQuantizer", None) or getattr(module, "MatMul4BitsQuantizer", None)
+    if quantizer is None:
+        raise PeerUnavailable(f"{module.__name__} has no MatMulNBitsQuantizer")
+    return module, quantizer
+
+
+def nbits_algo_config(method: str, source: Path, calib_windows: int, tokenizer_dir: Path):
+    """The algo_config of one ``ort-nbits-*`` peer (see the module docstring)."""
+    module, _ = nbits_quantizer_module()
+    names = {"ort-nbits-rtn-g128": "DefaultWeightOnlyQuantConfig", "ort-nbits-hqq-g128": "HQQWeightOnlyQuantConfig",
+             "ort-nbits-gptq-g128": "GPTQWeightOnlyQuantConfig"}
+    config_class = getattr(module, names[method], None)
+    if config_class is None:
+        raise PeerUnavailable(f"this onnxruntime's {module.__name__} has no {names[method]}")
+    if method == "ort-nbits-rtn-g128":
+        return config_class(block_size=NBITS_BLOCK, is_symmetric=True)
+    if method == "ort-nbits-hqq-g128":
+        try:
+            import torch  # noqa: F401  (ORT's HQQ runs on torch)
+        except ImportError as error:
+            raise PeerUnavailable("ORT's HQQ quantizer needs torch, which is not installed") from error
+        return config_class(block_size=NBITS_BLOCK, bits=4)
+    from graphq.runtime import GraphSignature
+    from graphq.verify import cpu_session
+
+    signature = GraphSignature.of(cpu_session(source, optimization="disable"))
+    reader = WindowFeeds(signature, calibration_windows(tokenizer_dir, calib_windows))
+    return config_class(calibration_data_reader=reader, percdamp=0.01, block_size=128, actorder=False,
+                        mse=False, perchannel=True)
+
+
+def nbits_quantize(method: str, source: Path, target: Path, calib_windows: int, tokenizer_dir: Path,
+                   external: bool) -> None:
+    """INT4 weight-only quantization with ORT's MatMulNBitsQuantizer, groups of 128 (symmetric where
+    the algorithm has the choice: the group size and scheme of RTN/GPTQ are the quantizer's own)."""
+    _, quantizer_class = nbits_quantizer_module()
+    algo_config = nbits_algo_config(method, source, calib_windows, tokenizer_dir)
+    quantizer = quantizer_class(str(source), block_size=NBITS_BLOCK, is_symmetric=True, algo_config=algo_config)
+    try:
+        quantizer.process()
+    except ImportError as error:  # older ORT: RTN/GPTQ import the neural-compressor package
+        raise PeerUnavailable(f"{method} needs a package that is not installed: {error}") from error
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
 
 
 def ort_quantize(method: str, source: Path, target: Path, calib_windows: int, tokenizer_dir: Path) -> None:
@@ -238,10 +339,13 @@ def ort_quantize(method: str, source: Path, target: Path, calib_windows: int, to
 
     from graphq.evaluate import model_file_bytes
     from graphq.modelio import EXTERNAL_DATA_THRESHOLD_BYTES
-    from graphq.runtime import GraphSignature, build_feeds
+    from graphq.runtime import GraphSignature
     from graphq.verify import cpu_session
 
     external = model_file_bytes(source) > EXTERNAL_DATA_THRESHOLD_BYTES
+    if method in NBITS_METHODS:
+        nbits_quantize(method, source, target, calib_windows, tokenizer_dir, external)
+        return
     if method == "ort-dynamic":
         quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"], use_external_data_format=external)
@@ -256,15 +360,11 @@ def ort_quantize(method: str, source: Path, target: Path, calib_windows: int, to
     windows = calibration_windows(tokenizer_dir, calib_windows)
     signature = GraphSignature.of(cpu_session(source, optimization="disable"))
 
-    class WindowReader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([build_feeds(signature, window[None, :]) for window in windows])
-
-        def get_next(self):
-            return next(self.feeds, None)
+    class WindowReader(WindowFeeds, CalibrationDataReader):
+        pass
 
     quantize_static(
-        source, target, WindowReader(),
+        source, target, WindowReader(signature, windows),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul"],
         nodes_to_quantize=weight_matmuls,
@@ -284,6 +384,9 @@ def worker_main(args: list[str]) -> int:
     try:
         method, source, target, calib, tokenizer_dir = args
         ort_quantize(method, Path(source), Path(target), int(calib), Path(tokenizer_dir))
+    except PeerUnavailable as reason:
+        print(f"bench_quality: skipped: {first_line(str(reason))}", file=sys.stderr)
+        return EXIT_SKIPPED
     except MemoryError:
         print("bench_quality: error: out of memory", file=sys.stderr)
         return EXIT_ERROR
@@ -386,8 +489,8 @@ def protocol_of(config: BenchConfig) -> dict:
     return {
         "model": str(config.model_path),
         "perplexity": f"wiki.test.raw, first {config.windows} windows x {WINDOW_TOKENS} tokens",
-        "calibration": f"ort-static-qdq: wiki.valid.tokens, first {config.calib_windows} windows x {WINDOW_TOKENS} "
-                       "tokens (graphq recipes calibrate as the recipe defines)",
+        "calibration": f"ort-static-qdq, ort-nbits-gptq-g128: wiki.valid.tokens, first {config.calib_windows} windows "
+                       f"x {WINDOW_TOKENS} tokens (graphq recipes calibrate as the recipe defines)",
         "prefill": f"first {WINDOW_TOKENS}-token test window, {config.threads} threads, median of "
                    f"{config.repeats} rounds paired with float in this run",
         "windows": config.windows,
@@ -396,6 +499,12 @@ def protocol_of(config: BenchConfig) -> dict:
         "repeats": config.repeats,
         "onnxruntime_version": onnxruntime.__version__,
         "ort_static_extra_options": ORT_STATIC_EXTRA_OPTIONS,
+        "ort_nbits": {
+            "ort-nbits-rtn-g128": f"DefaultWeightOnlyQuantConfig(block_size={NBITS_BLOCK}, is_symmetric=True)",
+            "ort-nbits-hqq-g128": f"HQQWeightOnlyQuantConfig(block_size={NBITS_BLOCK}, bits=4)",
+            "ort-nbits-gptq-g128": f"GPTQWeightOnlyQuantConfig(percdamp=0.01, block_size=128, actorder=False), "
+                                   f"groups of {NBITS_BLOCK}, symmetric",
+        },
     }
 
 
@@ -405,7 +514,7 @@ def table(config: BenchConfig, rows: list[Row]) -> str:
 
     protocol = protocol_of(config)
     header = [
-        f"W8A8 methods on {protocol['model']} (onnxruntime {protocol['onnxruntime_version']})",
+        f"Quantization methods on {protocol['model']} (onnxruntime {protocol['onnxruntime_version']})",
         f"  perplexity: {protocol['perplexity']}; calibration: {protocol['calibration']}",
         f"  prefill: {protocol['prefill']}; speed = float prefill s / method prefill s",
         "  size: .onnx + external data; quant s: wall clock of the quantizing process",
