@@ -166,7 +166,7 @@ def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: 
     from graphq.calibrate import calibration_windows, collect_statistics
     from graphq.evaluate import load_tokenizer
     from graphq.passes.qdq_insert import constant_weight
-    from graphq.weight_only import HessianAccumulator, _write_fake_quantized
+    from graphq.weight_only import HessianAccumulator, write_fake_quantized
 
     def quantize(nodes: list[ir.Node], stats) -> dict[str, QuantizedWeight]:
         return {node.name: gptq_columns(constant_weight(node), stats[node.inputs[0].name].hessian, configs[node.name],
@@ -189,7 +189,7 @@ def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: 
             quantized.update(done)
             if stage.outputs:
                 for node in nodes:
-                    _write_fake_quantized(node, done[node.name])
+                    write_fake_quantized(node, done[node.name])
         runner.advance(stage)
     return quantized
 

@@ -251,7 +251,7 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
     return {node.name: quantized[node.name] for node in nodes}
 
 
-def _write_fake_quantized(node: ir.Node, quantized: QuantizedWeight) -> None:
+def write_fake_quantized(node: ir.Node, quantized: QuantizedWeight) -> None:
     """Replace ``node``'s weight by its dequantized value, so later blocks calibrate on quantized outputs.
 
     A weight shared with other nodes (e.g. the tied embedding read through a Transpose) is left alone."""
@@ -315,7 +315,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
                     quantized.update(stage_quantized)
                     if stage.outputs:
                         for node in nodes:
-                            _write_fake_quantized(node, stage_quantized[node.name])
+                            write_fake_quantized(node, stage_quantized[node.name])
                 runner.advance(stage)
     quantized = {node.name: quantized[node.name] for node in planned}  # graph order, whatever the method
     weights = sum(int(np.prod(q.shape)) for q in quantized.values())
