@@ -110,7 +110,7 @@ def test_w4_on_the_real_graph_stores_the_tied_matrix_once_in_4_bits(w4_rtn, floa
 def test_gptq_blockwise_on_the_real_graph_beats_rtn(exported, w4_rtn, float_ppl, tmp_path):
     from graphq.weight_only import quantize_weights
 
-    recipe = dataclasses.replace(RECIPES["w4-gptq"], calibration=CalibrationConfig(windows=2, window_tokens=256))
+    recipe = dataclasses.replace(RECIPES["w4-gptq"], calibration=CalibrationConfig(windows=8))  # 2 x 256 tokens overfit: 40.6 vs RTN 38.4
     result = quantize_weights(exported.model_path, tmp_path / "gptq" / "model.onnx", recipe, progress=False)
     ppl = evaluate_model(result.model_path, EvalConfig(windows=WINDOWS, measure_speed=False), progress=False).perplexity
     assert ppl < w4_rtn[1] and ppl < 1.5 * float_ppl
