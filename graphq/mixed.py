@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.calibrate import CalibrationConfig
-from graphq.errors import GraphqError, OutputPathError
+from graphq.errors import GraphqError
 from graphq.numerics.sensitivity import PRECISIONS, precision_config
 from graphq.numerics.weight_only import QuantizedWeight, quantize_rtn
 from graphq.passes.weight_only_emit import WeightOnlyEmitConfig
@@ -243,20 +243,15 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                    overwrite: bool = False, progress: bool = True) -> MixedResult:
     """Quantize ``model`` (.onnx) into ``output`` (.onnx) with a precision per MatMul (module docstring)."""
     from graphq.config import recipe_to_dict
-    from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
+    from graphq.modelio import load_model, save_model, staging_dir
     from graphq.passes.cleanup import CleanupPass
     from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass
     from graphq.passes.weight_only_emit import WeightOnlyEmissionPass
+    from graphq.quantize import resolve_quantize_paths
     from graphq.verify import verify_model_file
 
     start = time.perf_counter()
-    source = resolve_model_file(model)
-    output = Path(output)
-    check_output_path(output, [source, source.with_name(source.name + ".data")])
-    if output.suffix != ".onnx":
-        raise OutputPathError(f"output path {output} must end in .onnx")
-    if output.exists() and not overwrite:
-        raise OutputPathError(f"output {output} already exists; pass --overwrite to replace it")
+    source, output = resolve_quantize_paths(model, output, overwrite=overwrite)
     graph = load_model(source)
     nodes = planned_nodes(graph)
     if not nodes:

@@ -153,13 +153,9 @@ def stage_side_files(source: Path, output: Path, staging: Path) -> None:
                 raise OutputPathError(f"cannot write {output.parent / name} ({error.strerror or error})") from error
 
 
-def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
-                   tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
-    """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx)."""
-    if not isinstance(recipe, W8A8Recipe):
-        raise GraphqError(f"recipe '{getattr(recipe, 'name', recipe)}' is not a W8A8 recipe; "
-                          "weight-only recipes run through graphq.weight_only.quantize_weights")
-    start = time.perf_counter()
+def resolve_quantize_paths(model: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool) -> tuple[Path, Path]:
+    """The input .onnx file and a safe output path (not the input or its data, ends in .onnx, not an
+    existing file unless ``overwrite``), for every quantize entry point."""
     source = resolve_model_file(model)
     output = Path(output)
     check_output_path(output, [source, source.with_name(source.name + ".data")])
@@ -167,6 +163,17 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
         raise OutputPathError(f"output path {output} must end in .onnx")
     if output.exists() and not overwrite:
         raise OutputPathError(f"output {output} already exists; pass --overwrite to replace it")
+    return source, output
+
+
+def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
+                   tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
+    """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx)."""
+    if not isinstance(recipe, W8A8Recipe):
+        raise GraphqError(f"recipe '{getattr(recipe, 'name', recipe)}' is not a W8A8 recipe; "
+                          "weight-only recipes run through graphq.weight_only.quantize_weights")
+    start = time.perf_counter()
+    source, output = resolve_quantize_paths(model, output, overwrite=overwrite)
     graph = load_model(source)
     plan = build_plan(graph, recipe)
     if not any(p == INT8 for p in plan.values()):

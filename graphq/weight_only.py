@@ -38,7 +38,7 @@ from graphq.blockwise import StagedCalibration, partition
 from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics
 from graphq.errors import GraphqError, OutputPathError
 from graphq.evaluate import load_tokenizer
-from graphq.modelio import check_output_path, initializer_bytes, load_model, resolve_model_file, save_model, staging_dir
+from graphq.modelio import load_model, save_model, staging_dir
 from graphq.numerics.weight_only import (
     QuantizedWeight,
     WeightQuantConfig,
@@ -265,16 +265,11 @@ def write_fake_quantized(node: ir.Node, quantized: QuantizedWeight) -> None:
 def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe: WeightOnlyRecipe, *,
                      tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> WeightOnlyResult:
     """Weight-only quantization of ``model`` (.onnx) into ``output`` (.onnx), verified before it is written."""
-    from graphq.quantize import check_finite_weights, stage_side_files  # graphq.quantize imports the recipes
+    # graphq.quantize imports the recipes, which import this module
+    from graphq.quantize import check_finite_weights, resolve_quantize_paths, stage_side_files
 
     start = time.perf_counter()
-    source = resolve_model_file(model)
-    output = Path(output)
-    check_output_path(output, [source, source.with_name(source.name + ".data")])
-    if output.suffix != ".onnx":
-        raise OutputPathError(f"output path {output} must end in .onnx")
-    if output.exists() and not overwrite:
-        raise OutputPathError(f"output {output} already exists; pass --overwrite to replace it")
+    source, output = resolve_quantize_paths(model, output, overwrite=overwrite)
     graph = load_model(source)
     check_finite_weights(graph, source)
     planned, kept = _plan(graph, recipe)

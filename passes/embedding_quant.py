@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.numerics.weight_only import WeightQuantConfig, pack_matmul_nbits, quantize_rtn
+from graphq.passes.qdq_insert import new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,6 @@ def embedding_lookups(model: ir.Model) -> list[ir.Node]:
             continue
         found.append(node)
     return found
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.require(array, requirements="C"), name=name))
-    value.dtype = value.const_value.dtype
-    value.shape = ir.Shape(list(array.shape))
-    graph.register_initializer(value)
-    return value
 
 
 class EmbeddingQuantizationPass(ir.passes.InPlacePass):
@@ -131,7 +124,7 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
         for index, role in ((1, "qweight"), (2, "scales"), (3, "zero_points")):
             if index >= len(head.inputs) or head.inputs[index] is None:
                 continue
-            shape = _initializer(graph, f"{stem}.{role}_shape", np.array([vocab, -1], dtype=np.int64))
+            shape = new_initializer(graph, f"{stem}.{role}_shape", np.array([vocab, -1], dtype=np.int64))
             reshape = ir.node("Reshape", [head.inputs[index], shape], name=f"{stem}/{role}_Reshape")
             reshape.outputs[0].name = f"{stem}.{role}_rows"
             graph.insert_before(gather, reshape)
@@ -151,8 +144,8 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
         quantized = quantize_rtn(table.astype(np.float32).T, dataclasses.replace(cfg, group_size=group))
         packed = pack_matmul_nbits(quantized)
         stem = gather.name.strip("/").replace("/", "_")
-        inputs = [_initializer(graph, f"{stem}.qweight", packed["B"].reshape(vocab, -1)),
-                  _initializer(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1))]
+        inputs = [new_initializer(graph, f"{stem}.qweight", packed["B"].reshape(vocab, -1)),
+                  new_initializer(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1))]
         if packed["zero_points"] is not None:
-            inputs.append(_initializer(graph, f"{stem}.zero_points", packed["zero_points"].reshape(vocab, -1)))
+            inputs.append(new_initializer(graph, f"{stem}.zero_points", packed["zero_points"].reshape(vocab, -1)))
         return inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": cfg.bits}

@@ -86,7 +86,8 @@ def quantizable_matmuls(model: ir.Model) -> list[ir.Node]:
     return [node for node in model.graph if constant_weight(node) is not None]
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a typed, shaped initializer ``name`` of ``graph``."""
     value = ir.Value(name=name, const_value=ir.tensor(np.require(array, requirements="C"), name=name))
     value.dtype = value.const_value.dtype
     value.shape = ir.Shape(list(array.shape))
@@ -134,8 +135,8 @@ class QdqInsertionPass(ir.passes.InPlacePass):
             weight = constant_weight(node)
             weight_q, weight_scale = per_column_weight_quantization(weight)
             stem = node.name.strip("/").replace("/", "_")
-            wq = _initializer(graph, f"{stem}.weight_int8", weight_q)
-            ws = _initializer(graph, f"{stem}.weight_scale", weight_scale)
+            wq = new_initializer(graph, f"{stem}.weight_int8", weight_q)
+            ws = new_initializer(graph, f"{stem}.weight_scale", weight_scale)
             x = node.inputs[0]
             if self.config.activation_scheme == "static":
                 self._static(graph, node, x, wq, ws, quantized_inputs)
@@ -147,8 +148,8 @@ class QdqInsertionPass(ir.passes.InPlacePass):
 
     def _static(self, graph, node, x, wq, ws, quantized_inputs) -> None:
         if x.name not in quantized_inputs:
-            scale = _initializer(graph, f"{x.name}/act_scale", symmetric_scale(self.activation_abs_max[x.name]))
-            zero = _initializer(graph, f"{x.name}/act_zero_point", ACTIVATION_ZERO_POINTS[self.config.target])
+            scale = new_initializer(graph, f"{x.name}/act_scale", symmetric_scale(self.activation_abs_max[x.name]))
+            zero = new_initializer(graph, f"{x.name}/act_zero_point", ACTIVATION_ZERO_POINTS[self.config.target])
             q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{x.name}/QuantizeLinear")
             q.outputs[0].name = f"{x.name}/quantized"
             graph.insert_before(node, q)
@@ -159,7 +160,7 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         dq = ir.node("DequantizeLinear", [xq, scale, zero], name=f"{stem}/input_DequantizeLinear")
         dq.outputs[0].name = f"{stem}.input_dequantized"
         graph.insert_before(node, dq)
-        wzero = _initializer(graph, f"{stem}.weight_zero_point", np.zeros(ws.const_value.shape[0], dtype=np.int8))
+        wzero = new_initializer(graph, f"{stem}.weight_zero_point", np.zeros(ws.const_value.shape[0], dtype=np.int8))
         dq_w = ir.node("DequantizeLinear", [wq, ws, wzero], attributes={"axis": 1}, name=f"{stem}/weight_DequantizeLinear")
         dq_w.outputs[0].name = f"{stem}.weight_dequantized"
         graph.insert_before(node, dq_w)
@@ -175,7 +176,7 @@ class QdqInsertionPass(ir.passes.InPlacePass):
             quantized_inputs[x.name] = (xq, x_scale)
         xq, x_scale = quantized_inputs[x.name]
         stem = wq.name.removesuffix(".weight_int8")
-        a_zero = _initializer(graph, f"{stem}.act_zero_point", np.array(128, dtype=np.uint8))
+        a_zero = new_initializer(graph, f"{stem}.act_zero_point", np.array(128, dtype=np.uint8))
         matmul = ir.node("MatMulInteger", [xq, wq, a_zero], name=f"{stem}/MatMulInteger")
         to_float = ir.node("Cast", [matmul.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{stem}/Cast")
         scale_rows = ir.node("Mul", [to_float.outputs[0], x_scale], name=f"{stem}/token_scale")
@@ -199,12 +200,12 @@ class QdqInsertionPass(ir.passes.InPlacePass):
     @staticmethod
     def _token_quantizer(graph, x, opset):
         name = x.name
-        c127 = _initializer(graph, f"{name}/c127", np.array(127.0, dtype=np.float32))
-        c128 = _initializer(graph, f"{name}/c128", np.array(128.0, dtype=np.float32))
-        eps = _initializer(graph, f"{name}/min_scale", np.array(MIN_TOKEN_SCALE, dtype=np.float32))
+        c127 = new_initializer(graph, f"{name}/c127", np.array(127.0, dtype=np.float32))
+        c128 = new_initializer(graph, f"{name}/c128", np.array(128.0, dtype=np.float32))
+        eps = new_initializer(graph, f"{name}/min_scale", np.array(MIN_TOKEN_SCALE, dtype=np.float32))
         absolute = ir.node("Abs", [x], name=f"{name}/token_abs")
         if opset >= 18:
-            axes = _initializer(graph, f"{name}/last_axis", np.array([-1], dtype=np.int64))
+            axes = new_initializer(graph, f"{name}/last_axis", np.array([-1], dtype=np.int64))
             row_max = ir.node("ReduceMax", [absolute.outputs[0], axes], attributes={"keepdims": 1}, name=f"{name}/token_max")
         else:
             row_max = ir.node("ReduceMax", [absolute.outputs[0]], attributes={"axes": [-1], "keepdims": 1}, name=f"{name}/token_max")

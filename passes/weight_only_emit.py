@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from graphq.errors import GraphqError
 from graphq.numerics.weight_only import QuantizedWeight, pack_matmul_nbits
+from graphq.passes.qdq_insert import new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ class WeightOnlyEmitConfig:
             raise GraphqError(f"emit format must be one of {EMIT_FORMATS}, got '{self.format}'")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise GraphqError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.require(array, requirements="C"), name=name))
-    value.dtype = value.const_value.dtype
-    value.shape = ir.Shape(list(array.shape))
-    graph.register_initializer(value)
-    return value
 
 
 def _drop_unused_weight(graph: ir.Graph, value: ir.Value) -> None:
@@ -104,10 +97,10 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
     def _matmul_nbits(self, graph: ir.Graph, node: ir.Node, qw: QuantizedWeight) -> None:
         packed = pack_matmul_nbits(qw)
         stem = node.name.strip("/").replace("/", "_")
-        inputs = [node.inputs[0], _initializer(graph, f"{stem}.qweight", packed["B"]),
-                  _initializer(graph, f"{stem}.scales", packed["scales"])]
+        inputs = [node.inputs[0], new_initializer(graph, f"{stem}.qweight", packed["B"]),
+                  new_initializer(graph, f"{stem}.scales", packed["scales"])]
         if packed["zero_points"] is not None:
-            inputs.append(_initializer(graph, f"{stem}.zero_points", packed["zero_points"]))
+            inputs.append(new_initializer(graph, f"{stem}.zero_points", packed["zero_points"]))
         attributes = {"K": packed["K"], "N": packed["N"], "bits": packed["bits"], "block_size": packed["block_size"]}
         if self.config.accuracy_level:
             attributes["accuracy_level"] = self.config.accuracy_level
@@ -130,9 +123,9 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         if k % qw.group_length:
             raise GraphqError(f"blockwise DequantizeLinear needs groups that divide K={k}, got {qw.group_length}")
         stem = node.name.strip("/").replace("/", "_")
-        codes = _initializer(graph, f"{stem}.qweight", qw.q.astype(_STORAGE[bits]))
-        scales = _initializer(graph, f"{stem}.scales", qw.scales.astype(np.float32))
-        zeros = _initializer(graph, f"{stem}.zero_points", qw.zero_points.astype(_STORAGE[bits]))
+        codes = new_initializer(graph, f"{stem}.qweight", qw.q.astype(_STORAGE[bits]))
+        scales = new_initializer(graph, f"{stem}.scales", qw.scales.astype(np.float32))
+        zeros = new_initializer(graph, f"{stem}.zero_points", qw.zero_points.astype(_STORAGE[bits]))
         dq = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": 0, "block_size": qw.group_length},
                      name=f"{stem}/weight_DequantizeLinear")
         dq.outputs[0].name = f"{stem}.weight_dequantized"
