@@ -69,6 +69,11 @@ class GptqConfig:
     # Rows in order of decreasing H[k, k] (static groups). On SmolLM2's first block it cuts the layer
     # output error tr(D^T H D / 2) a further 1.2-4.3x below GPTQ in row order (down_proj 1.88 -> 0.44).
     act_order: bool = True
+    # Before GPTQ: per-group clip ratios from the AWQ clip search on the Hessian (each group's own
+    # output error under RTN), applied to the group scales GPTQ then uses.
+    clip_search: bool = False
+    # Before GPTQ: AWQ's per-input-channel scale search, folded into the producer as for w4-awq.
+    awq_scales: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -218,13 +223,14 @@ def _tied_heads(model: ir.Model, planned: list[ir.Node], recipe: WeightOnlyRecip
 
 def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict[str, HessianAccumulator],
                               recipe: WeightOnlyRecipe) -> dict[str, QuantizedWeight]:
-    """GPTQ or AWQ of ``nodes`` from the statistics of their inputs; AWQ folds its scales into ``graph``."""
+    """GPTQ or AWQ of ``nodes`` from the statistics of their inputs; AWQ scales are folded into ``graph``.
+
+    GPTQ can be preceded by AWQ's scale search (``gptq.awq_scales``) and its clip search
+    (``gptq.clip_search``); AWQ is scale search, clip search, then round to nearest."""
     config = recipe.weights
-    if recipe.method == "gptq":
-        return {node.name: gptq_quantize(constant_weight(node), stats[node.inputs[0].name].hessian, config,
-                                         damp=recipe.gptq.damp, block_size=recipe.gptq.block_size,
-                                         act_order=recipe.gptq.act_order, pad=recipe.pad_groups)
-                for node in nodes}
+    gptq = recipe.method == "gptq"
+    fold_scales = recipe.gptq.awq_scales if gptq else recipe.awq.fold_scales
+    clip_search = recipe.gptq.clip_search if gptq else True
     groups: dict[str, list[ir.Node]] = {}
     for node in nodes:
         groups.setdefault(node.inputs[0].name, []).append(node)
@@ -233,7 +239,7 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
     for name in reversed(list(groups)):
         members, accumulator = groups[name], stats[name]
         hessian = accumulator.hessian
-        if recipe.awq.fold_scales:
+        if fold_scales:
             joined = np.concatenate([constant_weight(node) for node in members], axis=1)
             scales, _ = awq_search(joined, accumulator.abs_mean, None, config, grid=recipe.awq.grid,
                                    pad=recipe.pad_groups, hessian=hessian)
@@ -245,9 +251,16 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
                 logger.debug("awq: %s folded (%s)", name, fold.applied[name])
         for node in members:
             weight = constant_weight(node)
-            ratios = awq_clip_search(weight, None, config, grid=recipe.awq.clip_grid, max_shrink=recipe.awq.max_shrink,
-                                     pad=recipe.pad_groups, hessian=hessian)
-            quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
+            ratios = 1.0
+            if clip_search:
+                ratios = awq_clip_search(weight, None, config, grid=recipe.awq.clip_grid, max_shrink=recipe.awq.max_shrink,
+                                         pad=recipe.pad_groups, hessian=hessian)
+            if gptq:
+                quantized[node.name] = gptq_quantize(weight, hessian, config, damp=recipe.gptq.damp,
+                                                     block_size=recipe.gptq.block_size, act_order=recipe.gptq.act_order,
+                                                     pad=recipe.pad_groups, clip_ratio=ratios)
+            else:
+                quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
     return {node.name: quantized[node.name] for node in nodes}
 
 

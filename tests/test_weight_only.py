@@ -256,6 +256,22 @@ def test_gptq_act_order_keeps_groups_contiguous():
     np.testing.assert_array_equal(qw.zero_points, zeros)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_clip_ratios(act_order):
+    w, x = _weight(), _outlier_inputs()
+    config = WeightQuantConfig(4, 32, True)
+    ratios = awq_clip_search(w, None, config, hessian=_hessian(x))
+    assert (ratios < 1).any()
+    clipped = gptq_quantize(w, _hessian(x), config, act_order=act_order, clip_ratio=ratios)
+    if act_order:  # static groups take the clipped range of the original weight
+        np.testing.assert_array_equal(clipped.scales, group_params(w, config, clip_ratio=ratios)[0])
+    np.testing.assert_array_equal(gptq_quantize(w, _hessian(x), config, act_order=act_order, clip_ratio=1.0).q,
+                                  gptq_quantize(w, _hessian(x), config, act_order=act_order).q)
+    with pytest.raises(ValueError, match="clip_ratio must be"):
+        gptq_quantize(w, _hessian(x), config, clip_ratio=np.ones((3, 3)))
+    assert _output_error(x, w, clipped.dequantize()) < _output_error(x, w, quantize_rtn(w, config).dequantize())
+
+
 def test_gptq_identity_hessian_is_rtn():
     w = _weight()
     config = WeightQuantConfig(4, 32)

@@ -333,8 +333,12 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantConfig, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, pad: bool = False) -> QuantizedWeight:
-    """GPTQ of ``W [K, N]`` given ``H [K, K]`` (:func:`hessian_accumulate`); see the module docstring."""
+                  block_size: int = 128, act_order: bool = False, pad: bool = False,
+                  clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
+    """GPTQ of ``W [K, N]`` given ``H [K, K]`` (:func:`hessian_accumulate`); see the module docstring.
+
+    ``clip_ratio`` (a scalar or ``[n_groups, N]``, e.g. from :func:`awq_clip_search`) shrinks each
+    group's range before its scale is taken, as in :func:`quantize_rtn`."""
     w = _as_weight(weight)
     k, n = w.shape
     h = np.array(hessian, dtype=np.float64, copy=True)
@@ -348,6 +352,7 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantCo
         raise ValueError(f"damp must be >= 0, got {damp}")
     g = config.group_length(k, pad=pad)
     n_groups = -(-k // g)
+    ratios = _clip_ratios(clip_ratio, (n_groups, n))
 
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -356,7 +361,7 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantCo
     scales = np.empty((n_groups, n), dtype=np.float32)
     zeros = np.empty((n_groups, n), dtype=np.uint8)
     if act_order:
-        scales[:], zeros[:] = _params_from_groups(_group_view(w, g), config)  # static groups
+        scales[:], zeros[:] = _params_from_groups(_group_view(w, g), config, ratios)  # static groups
         perm = np.argsort(-np.diag(h), kind="stable")
         w = w[perm]
         h = h[np.ix_(perm, perm)]
@@ -380,7 +385,7 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantCo
                 if end > stop:  # the rows past this block still owe it the errors of rows start..row-1
                     pending = w[stop:end] - upper[start:row, stop:end].T @ errors[:i]
                     current = np.concatenate([current, pending])
-                scales[group], zeros[group] = _params_from_groups(current, config)
+                scales[group], zeros[group] = _params_from_groups(current, config, ratios[group])
             scale, zero = scales[group], zeros[group]
             q = _codes(block[i], scale, zero, config.qmax)
             codes[row] = q
