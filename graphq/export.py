@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from graphq.errors import GraphqError, OutputPathError, UnsupportedModelError
+from graphq.genai_config import write_genai_config
 from graphq.modelio import check_output_path, load_model, save_model, staging_dir
 from graphq.models.resolve import resolve_model
 from graphq.passes import FusionConfig, FusionPass, canonicalize_passes
 from graphq.pipeline import PassRecord, run_pipeline
-from graphq.runtime import GraphSignature, build_feeds
+from graphq.runtime import GraphSignature, build_feeds, signature_of_model
 from graphq.verify import cpu_session, verify_model_file
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def export_model(model: str | None, output_dir: str | os.PathLike, config: Expor
         for item in raw_dir.iterdir():
             if not item.name.startswith("model.onnx") and item.is_file():
                 shutil.copy2(item, final_dir / item.name)
+        write_genai_config(signature_of_model(result.model), "model.onnx", [final_dir, resolved.hf_dir], final_dir)
         verify_model_file(final_dir / "model.onnx")
         diff = parity_with_torch(final_dir / "model.onnx", resolved.hf_dir, task, config.parity_tokens)
         if not diff <= PARITY_TOLERANCE:

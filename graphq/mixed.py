@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,17 +38,16 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.calibrate import CalibrationConfig
-from graphq.errors import GraphqError
+from graphq.errors import GraphqError, OutputPathError
 from graphq.numerics.sensitivity import PRECISIONS, precision_config
 from graphq.numerics.weight_only import QuantizedWeight, quantize_rtn
 from graphq.passes.weight_only_emit import WeightOnlyEmitConfig
 from graphq.planner import DEFAULT_PRECISIONS, PrecisionPlan
+from graphq.runtime import signature_of_model
 from graphq.sensitivity import AnalysisConfig
 
 logger = logging.getLogger(__name__)
 
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
-              "generation_config.json", "chat_template.jinja")
 EMBEDDING_MODES = ("quantized", "float")
 METHODS = ("rtn", "gptq")
 
@@ -247,7 +245,7 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     from graphq.passes.cleanup import CleanupPass
     from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass
     from graphq.passes.weight_only_emit import WeightOnlyEmissionPass
-    from graphq.quantize import resolve_quantize_paths
+    from graphq.quantize import resolve_quantize_paths, stage_side_files
     from graphq.verify import verify_model_file
 
     start = time.perf_counter()
@@ -287,12 +285,12 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
         save_model(graph, staged)
         verify_model_file(staged)
         file_bytes = sum(p.stat().st_size for p in staging.iterdir())
-        for item in staging.iterdir():
-            os.replace(item, output.parent / item.name)
-    if output.parent.resolve() != source.parent.resolve():
-        for name in SIDE_FILES:
-            if (source.parent / name).is_file() and not (output.parent / name).exists():
-                shutil.copy2(source.parent / name, output.parent / name)
+        stage_side_files(source, output, staging, signature_of_model(graph))
+        try:
+            for item in sorted(staging.iterdir()):
+                os.replace(item, output.parent / item.name)
+        except OSError as error:
+            raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
     result = MixedResult(output, recipe, plan, file_bytes, time.perf_counter() - start)
     logger.info("mixed: %s at %.3f bits per weight (predicted KL %.4g) -> %s in %.1fs", plan.counts(), plan.average_bits,
                 plan.predicted_kl, output, result.seconds)

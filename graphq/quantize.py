@@ -41,7 +41,8 @@ from graphq.passes.keep_float import keep_float_violations, kept_nodes
 from graphq.passes.shape_inference import ShapeInferencePass
 from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, constant_weight, quantizable_matmuls
 from graphq.passes.smoothquant import SmoothQuantPass
-from graphq.runtime import ORT_ERRORS, check_token_ids, embedding_rows
+from graphq.genai_config import GENAI_CONFIG, write_genai_config
+from graphq.runtime import ORT_ERRORS, GraphSignature, check_token_ids, embedding_rows, signature_of_model
 from graphq.verify import verify_model_file
 
 logger = logging.getLogger(__name__)
@@ -140,17 +141,19 @@ def _activation_inputs(model: ir.Model, plan: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(nodes[name].inputs[0].name for name, p in plan.items() if p == INT8))
 
 
-def stage_side_files(source: Path, output: Path, staging: Path) -> None:
+def stage_side_files(source: Path, output: Path, staging: Path, signature: GraphSignature | None = None) -> None:
     """Copy the tokenizer and config files beside the input into ``staging`` (those the output folder
-    lacks), so they move into place together with the model."""
-    if output.parent.resolve() == source.parent.resolve():
-        return
-    for name in SIDE_FILES:
-        if (source.parent / name).is_file() and not (output.parent / name).exists():
-            try:
-                shutil.copy2(source.parent / name, staging / name)
-            except OSError as error:
-                raise OutputPathError(f"cannot write {output.parent / name} ({error.strerror or error})") from error
+    lacks), so they move into place together with the model; with the output graph's ``signature``,
+    also an onnxruntime-genai config for it when the output folder has none (graphq.genai_config)."""
+    if output.parent.resolve() != source.parent.resolve():
+        for name in SIDE_FILES:
+            if (source.parent / name).is_file() and not (output.parent / name).exists():
+                try:
+                    shutil.copy2(source.parent / name, staging / name)
+                except OSError as error:
+                    raise OutputPathError(f"cannot write {output.parent / name} ({error.strerror or error})") from error
+    if signature is not None and not (output.parent / GENAI_CONFIG).exists():
+        write_genai_config(signature, output.name, [staging, output.parent, source.parent], staging)
 
 
 def resolve_quantize_paths(model: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool) -> tuple[Path, Path]:
@@ -221,7 +224,7 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
             integer = {op: count for op, count in kernels.items() if op in INTEGER_MATMUL_KERNELS}
             if not integer:
                 raise VerificationError(f"ONNX Runtime runs no integer MatMul kernel on the quantized graph: {kernels}")
-            stage_side_files(source, output, staging)
+            stage_side_files(source, output, staging, signature_of_model(graph))
             try:
                 for item in sorted(staging.iterdir()):
                     os.replace(item, output.parent / item.name)

@@ -53,7 +53,7 @@ from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantiz
 from graphq.passes.qdq_insert import constant_weight
 from graphq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass, own_constant
 from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
-from graphq.runtime import check_token_ids, embedding_rows
+from graphq.runtime import check_token_ids, embedding_rows, signature_of_model
 from graphq.verify import verify_model_file
 
 logger = logging.getLogger(__name__)
@@ -356,7 +356,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
         save_model(graph, staged)
         verify_model_file(staged)
         file_bytes = sum(p.stat().st_size for p in staging.iterdir())
-        stage_side_files(source, output, staging)
+        stage_side_files(source, output, staging, signature_of_model(graph))
         try:
             for item in sorted(staging.iterdir()):
                 os.replace(item, output.parent / item.name)
