@@ -11,7 +11,8 @@ consumer; ``x / s`` is realised without a new op where the producer of ``x`` all
 
 - ``x = Mul(h, gamma)`` with ``gamma`` a 1-D constant (the scale of an RMSNorm/LayerNorm as
   exported): ``gamma /= s``.
-- ``LayerNormalization`` / ``SimplifiedLayerNormalization`` ops: their scale (and bias) ``/= s``.
+- ``LayerNormalization`` / ``SimplifiedLayerNormalization`` ops and the fused
+  ``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization``: their scale (and bias) ``/= s``.
 - ``x = Mul(a, u)`` with ``u = z @ W_up`` (gated MLP: ``silu(gate) * up``) and ``u`` used only
   there: the columns ``W_up[:, j] /= s_j``, since an element-wise product scales channel-wise.
 - otherwise (e.g. the attention output feeding ``o_proj``), when ``explicit_mul`` is on, a
@@ -36,11 +37,15 @@ from graphq.numerics.smoothing import smoothing_scales
 logger = logging.getLogger(__name__)
 
 # op_type of x's producer -> indices of inputs that are divided by s (scale, bias), for norm ops
-# that take their affine parameters as inputs.
+# that take their affine parameters as inputs; x must be the op's output 0 (the normalised value).
+# The com.microsoft Skip* forms (fusion.py) add the residual first: SkipLayerNormalization's inputs
+# are (x, skip, gamma, beta, bias) and its bias is added before the norm, so it is not divided.
 NORM_OP_SCALE_INPUTS: Mapping[str, tuple[int, ...]] = {
     "LayerNormalization": (1, 2),
     "SimplifiedLayerNormalization": (1,),
     "RMSNormalization": (1,),
+    "SkipSimplifiedLayerNormalization": (2,),
+    "SkipLayerNormalization": (2, 3),
 }
 
 
@@ -158,7 +163,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
 
     def _divide_activation(self, graph: ir.Graph, activation: ir.Value, scales: np.ndarray, consumers: list[ir.Node]) -> str | None:
         producer = activation.producer()
-        if producer is not None and producer.op_type in NORM_OP_SCALE_INPUTS and producer.domain in ("", "com.microsoft"):
+        if (producer is not None and producer.op_type in NORM_OP_SCALE_INPUTS and producer.domain in ("", "com.microsoft")
+                and producer.outputs[0] is activation):
             indices = [i for i in NORM_OP_SCALE_INPUTS[producer.op_type] if i < len(producer.inputs) and producer.inputs[i] is not None]
             arrays = [constant_of(producer.inputs[i]) for i in indices]
             if arrays and all(a is not None and a.shape == scales.shape for a in arrays):

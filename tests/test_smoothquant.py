@@ -70,6 +70,29 @@ def test_fold_keeps_the_float_function(tiny_llama_onnx, tmp_path):
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_fold_into_fused_skip_norms(tiny_llama_dir, tmp_path):
+    from graphq.export import ExportConfig, export_model
+
+    fused = export_model(str(tiny_llama_dir), tmp_path / "fused", ExportConfig(fuse=True)).model_path
+    model = ir.load(fused)
+    ir.external_data.load_to_model(model)
+    feeds = _feeds(fused)
+    (expected,) = cpu_session(fused).run(["logits"], feeds)
+    smooth = SmoothQuantPass(_channel_ranges(model), SmoothQuantConfig(alpha=0.5))
+    result = smooth(model)
+    producers = {name: value.producer().op_type for node in result.model.graph for value in node.outputs
+                 for name in [value.name] if name in smooth.applied and value.producer() is not None}
+    folded_into_skip = [name for name, how in smooth.applied.items() if how == "norm-op"
+                        and producers.get(name) == "SkipSimplifiedLayerNormalization"]
+    assert len(folded_into_skip) >= 3  # post-attention norms and the next layer's input norm
+    assert "explicit-mul" not in {smooth.applied[name] for name in folded_into_skip}
+    path = tmp_path / "smoothed.onnx"
+    ir.save(result.model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    (actual,) = cpu_session(path).run(["logits"], feeds)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_nothing_to_smooth_leaves_the_model_alone(tiny_llama_onnx):
     model = ir.load(tiny_llama_onnx)
     before = ir.serde.serialize_model(model).SerializeToString()
