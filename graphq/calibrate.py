@@ -7,8 +7,8 @@ start; the first ``windows`` of them, or all ``floor(N / T)`` if the text is sho
 warning). How a window is framed depends on the graph (:data:`FRAMING_BY_OUTPUT`, keyed by its main
 output): a decoder LM (``logits``) reads the ``T`` text tokens as they are; an encoder
 (``last_hidden_state``) was trained on ``[CLS] text [SEP]`` inputs, so each of its windows holds
-``T - s`` text tokens wrapped in the tokenizer's ``s`` special tokens
-(``build_inputs_with_special_tokens``), still ``T`` tokens in all. Every window is one sequence
+``T - s`` text tokens wrapped in the ``s`` special tokens the tokenizer puts around one sequence
+(:func:`special_token_frame`), still ``T`` tokens in all. Every window is one sequence
 without padding: ``attention_mask`` all ones, ``token_type_ids`` zeros (:mod:`graphq.runtime`).
 
 **Statistics.** An augmented copy of the model lists the requested tensors as extra graph outputs.
@@ -100,12 +100,25 @@ def window_framing(model: ir.Model) -> WindowFraming:
     return FRAMING_BY_OUTPUT.get(signature_of_model(model).main_output, RAW_WINDOWS)
 
 
+def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one sequence (``[CLS]`` / ``[SEP]`` for
+    BERT), read off its own output for a probe text, whatever its post-processor."""
+    probe = "a b"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    framed = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain):]
+    raise GraphqError("the tokenizer changes the text tokens when it adds special tokens; cannot frame calibration windows")
+
+
 def calibration_windows(tokenizer, config: CalibrationConfig = CalibrationConfig(),
                         framing: WindowFraming = RAW_WINDOWS) -> np.ndarray:
     """Token windows ``[windows, window_tokens]`` (int64) from the calibration text, framed as ``framing``."""
     text = read_text(config.text)
     token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    special = tokenizer.num_special_tokens_to_add(pair=False) if framing.special_tokens else 0
+    prefix, suffix = special_token_frame(tokenizer) if framing.special_tokens else ([], [])
+    special = len(prefix) + len(suffix)
     text_tokens = config.window_tokens - special
     if text_tokens < 1:
         raise GraphqError(f"window-tokens {config.window_tokens} leaves no room for text beside the "
@@ -124,13 +137,7 @@ def calibration_windows(tokenizer, config: CalibrationConfig = CalibrationConfig
         )
         count = available
     chunks = [token_ids[i * text_tokens:(i + 1) * text_tokens] for i in range(count)]
-    if special:
-        chunks = [tokenizer.build_inputs_with_special_tokens(chunk) for chunk in chunks]
-    windows = np.asarray(chunks, dtype=np.int64)
-    if windows.shape != (count, config.window_tokens):
-        raise GraphqError(f"the tokenizer frames {text_tokens} tokens as {windows.shape[-1]}, "
-                          f"not {config.window_tokens}; cannot build calibration windows")
-    return windows
+    return np.asarray([prefix + chunk + suffix for chunk in chunks], dtype=np.int64)
 
 
 def _graph_values(graph: ir.Graph) -> dict[str, ir.Value]:

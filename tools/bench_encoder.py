@@ -59,7 +59,9 @@ DEFAULT_MODEL = "all-minilm-l6-v2"
 
 
 def method_dir(work_dir: Path, method: str) -> Path:
-    return work_dir / method.replace(":", "-")
+    """``<work-dir>/graphq-w8a8`` for ``graphq:w8a8``; a recipe file gives its stem (``graphq:r/x.yaml``: graphq-x)."""
+    kind, _, recipe = method.partition(":")
+    return work_dir / (f"{kind}-{Path(recipe).stem}" if recipe else kind)
 
 
 def quantize(method: str, source: Path, target: Path) -> float:
