@@ -27,8 +27,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from graphq.errors import GraphqError
 from graphq.models.cache import cache_dir
+
+from graphq.errors import GraphqError
 
 logger = logging.getLogger(__name__)
 

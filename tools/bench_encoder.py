@@ -16,6 +16,9 @@ Protocol (every number in the table comes from this one run):
   (activations: dynamic per-tensor uint8, range of the whole batch).
   ``graphq:RECIPE``: ``python -m graphq quantize MODEL.onnx -o OUT/model.onnx --recipe RECIPE``
   (calibration, where the recipe has any: ``wiki.valid.tokens``, windows framed ``[CLS] .. [SEP]``).
+  ``fused``: ``python -m graphq optimize MODEL.onnx -o OUT/model.onnx --fuse`` (ONNX Runtime's
+  SkipLayerNormalization, MultiHeadAttention, BiasGelu); ``fused-graphq:RECIPE``: that fused float
+  graph quantized with RECIPE.
 - Sentences: the first ``--sentences`` sentences of WikiText-2 ``wiki.test.raw`` by
   graphq.data.wikitext_sentences (rows split after `` . ``; headings, ``<unk>`` and sentences outside
   8-64 words dropped; WikiText's ``@-@`` joiners undone), tokenised by the float folder's tokenizer
@@ -56,6 +59,7 @@ logger = logging.getLogger("bench_encoder")
 
 DEFAULT_METHODS = ("float", "ort-dynamic", "graphq:w8a8", "graphq:w8a8-nosmooth", "graphq:w4-rtn", "graphq:w4-gptq")
 DEFAULT_MODEL = "all-minilm-l6-v2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
 
 
 def method_dir(work_dir: Path, method: str) -> Path:
@@ -74,19 +78,30 @@ def quantize(method: str, source: Path, target: Path) -> float:
 
         quantize_dynamic(source, target / "model.onnx", per_channel=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"])
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json"):
+        for name in TOKENIZER_FILES:
             if (source.parent / name).is_file():
                 shutil.copy2(source.parent / name, target / name)
-    elif method.startswith("graphq:"):
-        command = [sys.executable, "-m", "graphq", "-q", "quantize", str(source), "-o", str(target / "model.onnx"),
-                   "--recipe", method.split(":", 1)[1], "--overwrite"]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        if completed.returncode != 0:
-            lines = [line for line in (completed.stderr or completed.stdout).splitlines() if line.strip()]
-            raise RuntimeError(lines[-1] if lines else f"exit status {completed.returncode}")
+    elif method == "fused":
+        _graphq("optimize", str(source), "-o", str(target / "model.onnx"), "--fuse")
+        for name in TOKENIZER_FILES:  # optimize writes the graph only
+            if (source.parent / name).is_file():
+                shutil.copy2(source.parent / name, target / name)
+    elif method.startswith(("graphq:", "fused-graphq:")):
+        if method.startswith("fused-"):
+            source = method_dir(target.parent, "fused") / "model.onnx"
+            if not source.is_file():
+                raise RuntimeError("list 'fused' before 'fused-graphq:...' in --methods")
+        _graphq("quantize", str(source), "-o", str(target / "model.onnx"), "--recipe", method.split(":", 1)[1], "--overwrite")
     else:
         raise ValueError(f"unknown method {method!r}")
     return time.perf_counter() - start
+
+
+def _graphq(*args: str) -> None:
+    completed = subprocess.run([sys.executable, "-m", "graphq", "-q", *args], capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        lines = [line for line in (completed.stderr or completed.stdout).splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"exit status {completed.returncode}")
 
 
 def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
@@ -115,7 +130,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     source = float_dir / "model.onnx"
     tokenizer = AutoTokenizer.from_pretrained(str(float_dir))
     sentences = wikitext_sentences(WIKITEXT_TEST, limit=args.sentences)
-    embed = dict(batch_size=args.batch_size, max_tokens=args.max_tokens)
+    embed = {"batch_size": args.batch_size, "max_tokens": args.max_tokens}
 
     rows: list[dict] = []
     sessions, embeddings = {}, {}
