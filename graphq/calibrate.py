@@ -4,7 +4,12 @@
 text) is read as UTF-8 and tokenised once without special tokens into ``t_0 .. t_{N-1}``. Window
 ``w`` holds tokens ``t_{Tw} .. t_{Tw+T-1}`` (``T = window_tokens``; non-overlapping, from the
 start; the first ``windows`` of them, or all ``floor(N / T)`` if the text is shorter, with a
-warning).
+warning). How a window is framed depends on the graph (:data:`FRAMING_BY_OUTPUT`, keyed by its main
+output): a decoder LM (``logits``) reads the ``T`` text tokens as they are; an encoder
+(``last_hidden_state``) was trained on ``[CLS] text [SEP]`` inputs, so each of its windows holds
+``T - s`` text tokens wrapped in the ``s`` special tokens the tokenizer puts around one sequence
+(:func:`special_token_frame`), still ``T`` tokens in all. Every window is one sequence
+without padding: ``attention_mask`` all ones, ``token_type_ids`` zeros (:mod:`graphq.runtime`).
 
 **Statistics.** An augmented copy of the model lists the requested tensors as extra graph outputs.
 Each window is one forward pass from an empty KV cache on ONNX Runtime's CPU execution provider,
@@ -34,7 +39,7 @@ from graphq.data import WIKITEXT_VALID, read_text
 from graphq.errors import GraphqError
 from graphq.modelio import load_model, resolve_model_file, save_model
 from graphq.numerics.calibration import DEFAULT_BINS, RunningStats
-from graphq.runtime import GraphSignature, build_feeds
+from graphq.runtime import GraphSignature, build_feeds, signature_of_model
 from graphq.verify import MAX_THREADS, cpu_session
 
 logger = logging.getLogger(__name__)
@@ -77,11 +82,48 @@ def _check_bins(bins: int) -> None:
         raise GraphqError(f"histogram-bins must be an even number of at least 2, got {bins}")
 
 
-def calibration_windows(tokenizer, config: CalibrationConfig = CalibrationConfig()) -> np.ndarray:
-    """Token windows ``[windows, window_tokens]`` (int64) from the calibration text."""
+@dataclasses.dataclass(frozen=True)
+class WindowFraming:
+    """How a calibration window is laid out for one kind of graph (module docstring)."""
+
+    special_tokens: bool = False  # wrap the window's text tokens in the tokenizer's special tokens
+
+
+RAW_WINDOWS = WindowFraming()
+# Main output of the graph (GraphSignature.main_output) -> framing of its calibration windows; graphs
+# whose main output is not listed (decoder LMs: ``logits``) get raw windows.
+FRAMING_BY_OUTPUT: dict[str, WindowFraming] = {"last_hidden_state": WindowFraming(special_tokens=True)}
+
+
+def window_framing(model: ir.Model) -> WindowFraming:
+    """The framing of calibration windows for ``model`` (:data:`FRAMING_BY_OUTPUT`)."""
+    return FRAMING_BY_OUTPUT.get(signature_of_model(model).main_output, RAW_WINDOWS)
+
+
+def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one sequence (``[CLS]`` / ``[SEP]`` for
+    BERT), read off its own output for a probe text, whatever its post-processor."""
+    probe = "a b"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    framed = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain):]
+    raise GraphqError("the tokenizer changes the text tokens when it adds special tokens; cannot frame calibration windows")
+
+
+def calibration_windows(tokenizer, config: CalibrationConfig = CalibrationConfig(),
+                        framing: WindowFraming = RAW_WINDOWS) -> np.ndarray:
+    """Token windows ``[windows, window_tokens]`` (int64) from the calibration text, framed as ``framing``."""
     text = read_text(config.text)
     token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    available = len(token_ids) // config.window_tokens
+    prefix, suffix = special_token_frame(tokenizer) if framing.special_tokens else ([], [])
+    special = len(prefix) + len(suffix)
+    text_tokens = config.window_tokens - special
+    if text_tokens < 1:
+        raise GraphqError(f"window-tokens {config.window_tokens} leaves no room for text beside the "
+                          f"{special} special tokens of each window")
+    available = len(token_ids) // text_tokens
     if available == 0:
         raise GraphqError(
             f"calibration text gives only 0 windows of {config.window_tokens} tokens "
@@ -94,8 +136,8 @@ def calibration_windows(tokenizer, config: CalibrationConfig = CalibrationConfig
             available, config.window_tokens, config.text, config.windows, available,
         )
         count = available
-    used = np.asarray(token_ids[: count * config.window_tokens], dtype=np.int64)
-    return used.reshape(count, config.window_tokens)
+    chunks = [token_ids[i * text_tokens:(i + 1) * text_tokens] for i in range(count)]
+    return np.asarray([prefix + chunk + suffix for chunk in chunks], dtype=np.int64)
 
 
 def _graph_values(graph: ir.Graph) -> dict[str, ir.Value]:

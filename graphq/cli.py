@@ -63,7 +63,8 @@ def app(verbose: int, quiet: bool) -> None:
 def export(model: str | None, output: Path, with_past: bool, overwrite: bool, opset: int | None, fuse: bool) -> None:
     """Export MODEL to a verified, canonicalised ONNX graph.
 
-    MODEL is smollm2-135m (the default), a Hugging Face model folder, or a .gguf file.
+    MODEL is smollm2-135m (the default), all-minilm-l6-v2 (a sentence encoder), a Hugging Face model
+    folder, or a .gguf file.
     """
     from graphq.export import ExportConfig, export_model
 

@@ -31,7 +31,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphq.calibrate import calibration_windows, collect_statistics
+from graphq.calibrate import calibration_windows, collect_statistics, window_framing
 from graphq.config import W8A8Recipe, recipe_to_dict
 from graphq.errors import GraphqError, InvalidModelError, OutputPathError, VerificationError
 from graphq.evaluate import load_tokenizer
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 INTEGER_MATMUL_KERNELS = frozenset({"MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul"})
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
-              "generation_config.json", "chat_template.jinja")
+              "generation_config.json", "chat_template.jinja", "vocab.txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +186,7 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     kept = kept_nodes(graph, recipe.keep_float)
     kept_names = frozenset(node.name for node in kept)
     tokenizer = load_tokenizer(source, tokenizer_dir)
-    windows = calibration_windows(tokenizer, recipe.calibration)
+    windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
     check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
     calib = recipe.calibration
     static = recipe.activations.activation_scheme == "static"

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.blockwise import StagedCalibration, partition
-from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics
+from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics, window_framing
 from graphq.errors import GraphqError, OutputPathError
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import load_model, save_model, staging_dir
@@ -302,7 +302,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             quantized[node.name] = quantize_rtn(constant_weight(node), recipe.weights, pad=recipe.pad_groups)
     else:
         tokenizer = load_tokenizer(source, tokenizer_dir)
-        windows = calibration_windows(tokenizer, recipe.calibration)
+        windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
         check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
         stages = partition(graph) if recipe.sequential else None
         if stages is None:

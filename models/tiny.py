@@ -1,7 +1,8 @@
 """Tiny random models built from configs, for tests (no download).
 
 The tokenizer is a byte-level BPE with no merges: every UTF-8 byte is one token, so any text
-tokenizes and the vocabulary is 256 bytes plus a few special tokens.
+tokenizes and the vocabulary is 256 bytes plus a few special tokens. The encoder's tokenizer frames
+a sentence as BERT's does, ``<s> text </s>`` (``[CLS] text [SEP]``), with ``<pad>`` for padding.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ class TinyModelSpec:
     seed: int = 0
 
 
-def byte_tokenizer():
-    """A ``PreTrainedTokenizerFast`` over bytes (vocabulary: 4 specials + 256 bytes)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(*, frame_sentences: bool = False):
+    """A ``PreTrainedTokenizerFast`` over bytes (vocabulary: 4 specials + 256 bytes); with
+    ``frame_sentences``, special tokens wrap every sequence: ``<s> text </s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -35,6 +37,10 @@ def byte_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
+    if frame_sentences:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+            special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
@@ -83,11 +89,12 @@ def make_tiny_llama(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
 
 
 def make_tiny_bert(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """A random BertModel (encoder), saved with its tokenizer."""
+    """A random BertModel (encoder, post-norm LayerNorm with bias, GELU), saved with a tokenizer that
+    frames sentences as ``<s> text </s>``."""
     import torch
     from transformers import BertConfig, BertModel
 
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(frame_sentences=True)
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -100,6 +107,10 @@ def make_tiny_bert(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path
     torch.manual_seed(spec.seed)
     model = BertModel(config).eval()
     _randomize_norms(model)
+    with torch.no_grad():  # fresh biases are all zeros, which exporters share through Identity nodes
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias") and "norm" not in name.lower():
+                parameter.copy_(0.02 * torch.randn_like(parameter))
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)

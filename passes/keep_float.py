@@ -5,11 +5,13 @@ statistics of the residual stream, whose dynamic range is huge) and in the resid
 themselves (seeds 000 and 001). graphq therefore never quantizes these; the policy is data:
 
 - op types in :data:`KEEP_FLOAT_OP_TYPES` (plus what a recipe adds), including ONNX Runtime's
-  fused ops that contain them (attention, Skip* norms, rotary embedding);
+  fused ops that contain them (attention, Skip* norms, rotary embedding), and GELU (``Erf`` as
+  exported op by op, ``Gelu`` / ``BiasGelu`` / ``FastGelu`` fused: encoders such as BERT);
 - RMSNorm as exported op by op: ``Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div/Reciprocal
   -> Mul(x, .) -> [Cast] -> Mul(gamma)`` (chain ops in :data:`RMS_NORM_CHAIN_OPS`);
 - residual Adds: ``Add(a, b)`` with two non-constant inputs, one produced by a constant-weight
-  MatMul (the attention and MLP output projections).
+  MatMul (the attention and MLP output projections), possibly through a ``Cast`` or a bias ``Add``
+  with a constant (linear layers with bias, e.g. BERT's ``dense`` + bias + residual).
 
 A kept node *violates* the policy when one of its inputs comes straight out of a quantization op
 (:data:`QUANTIZATION_OP_TYPES`): it would then compute on dequantized data.
@@ -28,6 +30,8 @@ KEEP_FLOAT_OP_TYPES = frozenset({
     # ONNX Runtime's fused ops (graphq.passes.fusion): attention holds a Softmax, the Skip* norms
     # the residual Add, rotary embedding the position-dependent cos/sin.
     "GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding",
+    # GELU of encoders: Erf as exported op by op, and its fused forms.
+    "Erf", "Gelu", "BiasGelu", "FastGelu",
 })
 RMS_NORM_CHAIN_OPS = ("Add", "Sqrt", "Div", "Reciprocal", "Mul", "Cast")
 RMS_NORM_MAX_CHAIN = 6
@@ -80,6 +84,15 @@ def rms_norm_nodes(graph: ir.Graph) -> set[ir.Node]:
     return found
 
 
+def _through_cast_and_bias(producer: ir.Node | None) -> ir.Node | None:
+    """The first producer up the chain that is neither a ``Cast`` nor an ``Add`` of a constant (a bias)."""
+    while producer is not None and (producer.op_type == "Cast" or (
+            producer.op_type == "Add" and sum(_is_constant(v) for v in producer.inputs) == 1)):
+        activation = next(v for v in producer.inputs if not _is_constant(v))
+        producer = activation.producer()
+    return producer
+
+
 def residual_adds(graph: ir.Graph) -> set[ir.Node]:
     """Adds of two activations where one is the output of a constant-weight MatMul."""
     found = set()
@@ -87,9 +100,7 @@ def residual_adds(graph: ir.Graph) -> set[ir.Node]:
         if node.op_type != "Add" or any(_is_constant(v) for v in node.inputs):
             continue
         for value in node.inputs:
-            producer = value.producer()
-            while producer is not None and producer.op_type == "Cast":
-                producer = producer.inputs[0].producer()
+            producer = _through_cast_and_bias(value.producer())
             if producer is not None and producer.op_type == "MatMul" and _is_constant(producer.inputs[1]):
                 found.add(node)
                 break

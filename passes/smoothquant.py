@@ -17,6 +17,10 @@ consumer; ``x / s`` is realised without a new op where the producer of ``x`` all
   there: the columns ``W_up[:, j] /= s_j``, since an element-wise product scales channel-wise.
 - otherwise (e.g. the attention output feeding ``o_proj``), when ``explicit_mul`` is on, a
   ``Mul(x, 1/s)`` is inserted before the MatMuls.
+- ``x`` also read by other nodes (a post-norm encoder such as BERT: the LayerNorm output feeds
+  q/k/v or the MLP *and* the next residual Add), when ``explicit_mul`` and ``shared_mul`` are on: no fold is exact
+  there (dividing the norm's scale and bias by ``s`` would also scale the residual), so the
+  ``Mul(x, 1/s)`` goes on the MatMuls' branch only and the other readers keep ``x``.
 
 Which producers fold how is the table :data:`FOLD_RULES`. The rewrite is exact in real arithmetic;
 in float32 the outputs agree to rounding (tests: 1e-4 relative). Activations whose consumers are
@@ -53,6 +57,9 @@ NORM_OP_SCALE_INPUTS: Mapping[str, tuple[int, ...]] = {
 class SmoothQuantConfig:
     alpha: float = 0.5
     explicit_mul: bool = True
+    # Smooth activations that other nodes also read, with a Mul on the MatMuls' branch (needs
+    # explicit_mul; else such activations are skipped).
+    shared_mul: bool = True
 
     def __post_init__(self) -> None:
         from graphq.errors import GraphqError
@@ -80,17 +87,22 @@ def own_constant(value: ir.Value | None, ndim: int) -> np.ndarray | None:
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
-def matmul_weight_consumers(activation: ir.Value) -> list[ir.Node] | None:
+def _is_weight_matmul(node: ir.Node, activation: ir.Value) -> bool:
+    return (node.op_type == "MatMul" and node.domain == "" and node.inputs[0] is activation
+            and own_constant(node.inputs[1], 2) is not None)
+
+
+def matmul_weight_consumers(activation: ir.Value, *, exclusive: bool = True) -> list[ir.Node] | None:
     """The MatMuls ``activation @ W`` (own 2-D constant W) reading ``activation``, if nothing else
-    (apart from shape-only ops) reads its values; else None."""
+    (apart from shape-only ops) reads its values; else None. With ``exclusive=False``, those MatMuls
+    whatever else reads ``activation`` (None if there are none)."""
     consumers = [use.node for use in activation.uses() if use.node.op_type not in SHAPE_ONLY_OPS]
+    if not exclusive:
+        return [node for node in dict.fromkeys(consumers) if _is_weight_matmul(node, activation)] or None
     if not consumers or activation.is_graph_output():
         return None
-    for node in consumers:
-        if node.op_type != "MatMul" or node.domain != "" or node.inputs[0] is not activation:
-            return None
-        if own_constant(node.inputs[1], 2) is None:
-            return None
+    if not all(_is_weight_matmul(node, activation) for node in consumers):
+        return None
     return consumers
 
 
@@ -137,6 +149,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 logger.info("smoothquant: %s not produced by any node; skipped", name)
                 continue
             consumers = matmul_weight_consumers(activation)
+            shared = consumers is None and self.config.explicit_mul and self.config.shared_mul
+            if shared:
+                consumers = matmul_weight_consumers(activation, exclusive=False)
             if consumers is None:
                 logger.info("smoothquant: %s has consumers other than constant-weight MatMuls; skipped", name)
                 continue
@@ -150,7 +165,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 scales = np.asarray(self.given_factors[name], dtype=np.float32)
             else:
                 scales = smoothing_scales(self.channel_abs_max[name], weight_abs_max, self.config.alpha)
-            how = self._divide_activation(model.graph, activation, scales, consumers)
+            how = self._divide_activation(model.graph, activation, scales, consumers, fold=not shared)
             if how is None:
                 continue
             for node, weight in zip(consumers, weights):
@@ -161,8 +176,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                     ", ".join(f"{k}: {sum(1 for v in self.applied.values() if v == k)}" for k in sorted(set(self.applied.values()))))
         return ir.passes.PassResult(model, modified=bool(self.applied))
 
-    def _divide_activation(self, graph: ir.Graph, activation: ir.Value, scales: np.ndarray, consumers: list[ir.Node]) -> str | None:
-        producer = activation.producer()
+    def _divide_activation(self, graph: ir.Graph, activation: ir.Value, scales: np.ndarray, consumers: list[ir.Node],
+                           *, fold: bool = True) -> str | None:
+        producer = activation.producer() if fold else None
         if (producer is not None and producer.op_type in NORM_OP_SCALE_INPUTS and producer.domain in ("", "com.microsoft")
                 and producer.outputs[0] is activation):
             indices = [i for i in NORM_OP_SCALE_INPUTS[producer.op_type] if i < len(producer.inputs) and producer.inputs[i] is not None]
@@ -205,4 +221,4 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             graph.insert_before(next(iter(graph)), mul)
         for node in consumers:
             node.replace_input_with(0, smoothed)
-        return "explicit-mul"
+        return "explicit-mul" if fold else "explicit-mul-shared"

@@ -40,6 +40,13 @@ def tiny_llama_onnx(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_onnx(tiny_bert_dir, tmp_path_factory) -> Path:
+    from graphq.export import export_model
+
+    return export_model(str(tiny_bert_dir), tmp_path_factory.mktemp("export") / "tiny-bert").model_path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_past_onnx(tiny_llama_dir, tmp_path_factory) -> Path:
     from graphq.export import ExportConfig, export_model
 

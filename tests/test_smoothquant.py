@@ -114,6 +114,36 @@ def test_activation_with_other_consumers_is_skipped(tmp_path):
         out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(shape)
     graph = ir.Graph([x], [matmul.outputs[0], relu.outputs[0]], nodes=[scaled, matmul, relu],
                      initializers=[gamma, w], opset_imports={"": 18}, name="skip")
-    result = SmoothQuantPass({"h": np.array([8.0, 1.0, 1.0, 1.0], dtype=np.float32)})(ir.Model(graph, ir_version=10))
+    model = ir.Model(graph, ir_version=10)
+    config = SmoothQuantConfig(shared_mul=False)
+    result = SmoothQuantPass({"h": np.array([8.0, 1.0, 1.0, 1.0], dtype=np.float32)}, config)(model)
     assert not result.modified
     np.testing.assert_array_equal(gamma.const_value.numpy(), np.ones(4, dtype=np.float32))
+
+
+def test_shared_activation_gets_a_mul_on_the_matmul_branch_only(tmp_path):
+    """Post-norm encoders (BERT): the norm output feeds the MatMuls and the residual Add. The norm is
+    left alone; ``x / s`` is an explicit Mul read by the MatMuls only; the function is unchanged."""
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([5, 4]))
+    gamma = ir.Value(name="gamma", const_value=ir.tensor(rng.normal(size=4).astype(np.float32)))
+    beta = ir.Value(name="beta", const_value=ir.tensor(rng.normal(size=4).astype(np.float32)))
+    w = ir.Value(name="w", const_value=ir.tensor(rng.normal(size=(4, 4)).astype(np.float32)))
+    norm = ir.node("LayerNormalization", [x, gamma, beta], attributes={"axis": -1}, name="ln")
+    matmul = ir.node("MatMul", [norm.outputs[0], w], name="matmul")
+    residual = ir.node("Add", [matmul.outputs[0], norm.outputs[0]], name="residual")
+    norm.outputs[0].name, matmul.outputs[0].name, residual.outputs[0].name = "h", "y", "z"
+    for out in (norm.outputs[0], matmul.outputs[0], residual.outputs[0]):
+        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape([5, 4])
+    graph = ir.Graph([x], [residual.outputs[0]], nodes=[norm, matmul, residual],
+                     initializers=[gamma, beta, w], opset_imports={"": 18}, name="shared")
+    model = ir.Model(graph, ir_version=10)
+    feeds = {"x": rng.normal(size=(5, 4)).astype(np.float32)}
+    before = run_model(model, feeds, tmp_path)[0]
+    gamma_before = gamma.const_value.numpy().copy()
+    smooth = SmoothQuantPass({"h": np.array([8.0, 1.0, 2.0, 1.0], dtype=np.float32)})
+    assert smooth(model).modified
+    assert smooth.applied == {"h": "explicit-mul-shared"}
+    np.testing.assert_array_equal(gamma.const_value.numpy(), gamma_before)
+    assert matmul.inputs[0].producer().op_type == "Mul" and residual.inputs[1] is norm.outputs[0]
+    np.testing.assert_allclose(run_model(model, feeds, tmp_path)[0], before, rtol=1e-5, atol=1e-5)
