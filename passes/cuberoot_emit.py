@@ -29,12 +29,12 @@ from collections.abc import Mapping
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-
-from graphq.errors import GraphqError
-from graphq.numerics.companding import CubeRootWeight, codebook
 from graphq.passes.qdq_insert import new_initializer
 from graphq.passes.weight_only_emit import BLOCKWISE_DQ_OPSET
 from graphq.passes.weight_only_emit import _drop_unused_weight as drop_unused_weight
+
+from graphq.errors import GraphqError
+from graphq.numerics.companding import CubeRootWeight, codebook
 
 logger = logging.getLogger(__name__)
 

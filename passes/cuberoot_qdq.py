@@ -26,13 +26,23 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
-from graphq.numerics.companding import ACTIVATION_QMAX, MIN_SCALE, activation_scale, quantize_cuberoot
-from graphq.numerics.weight_only import WeightQuantConfig
 from graphq.passes.cuberoot_emit import CUBEROOT_FORMS, cuberoot_weight_nodes
+from graphq.passes.qdq_insert import (
+    INT8,
+    QdqInsertionPass,
+    constant_weight,
+    new_initializer,
+)
 from graphq.passes.weight_only_emit import BLOCKWISE_DQ_OPSET
-from graphq.passes.qdq_insert import INT8, QdqInsertionPass, constant_weight, new_initializer
+
 from graphq.errors import GraphqError
+from graphq.numerics.companding import (
+    ACTIVATION_QMAX,
+    MIN_SCALE,
+    activation_scale,
+    quantize_cuberoot,
+)
+from graphq.numerics.weight_only import WeightQuantConfig
 
 logger = logging.getLogger(__name__)
 

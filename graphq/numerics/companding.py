@@ -46,7 +46,12 @@ import dataclasses
 import numpy as np
 
 from graphq.errors import GraphqError
-from graphq.numerics.weight_only import QuantizedWeight, WeightQuantConfig, _as_weight, _group_view
+from graphq.numerics.weight_only import (
+    QuantizedWeight,
+    WeightQuantConfig,
+    _as_weight,
+    _group_view,
+)
 
 CUBEROOT_BITS = (4, 8)
 ACTIVATION_QMAX = 127
@@ -109,7 +114,7 @@ def quantize_cuberoot(weight: np.ndarray, config: WeightQuantConfig, *, pad: boo
     """Round ``f(w / sigma)`` to the nearest level, per group (module docstring)."""
     check_cuberoot_config(config)
     w = _as_weight(weight)
-    k, n = w.shape
+    k = w.shape[0]
     g = config.group_length(k, pad=pad)
     grouped = _group_view(w, g)
     lo, hi = grouped.min(axis=1), grouped.max(axis=1)

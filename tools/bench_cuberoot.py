@@ -1,0 +1,189 @@
+"""Cube-root (companded, non-uniform) quantization against its uniform counterparts at equal bits.
+
+    python tools/bench_cuberoot.py [--model /tmp/smol_onnx_past] [--variants w4-rtn,w4-cuberoot,...]
+        [--windows 40] [--ppl-variants ...] [--no-speed] [--repeats 3] [--threads 2]
+        [--work-dir /tmp/wt_cuberoot/bench] [--json PATH]
+
+Protocol (every number of one invocation comes from this run):
+
+- Float model: ``--model DIR``, a ``graphq export --with-past`` folder (SmolLM2-135M-Instruct by
+  default); never modified. Each variant is quantized from it with graphq's API into
+  ``<work-dir>/<variant>/model.onnx`` (reused when already there: delete the folder to rebuild):
+
+  ``w4-rtn``            uniform int4 g128 symmetric RTN (MatMulNBits), tied LM head + embedding shared 8-bit
+  ``w4-cuberoot``       cube-root int4 g128 (codebook form), the same 8-bit shared head + embedding
+  ``w4-cuberoot-dq``    the same codes in the dq-cube form (DequantizeLinear + Pow 3)
+  ``w4-rtn-fhead``      ``w4-rtn`` with the LM head and the embedding float (like with like, no 8-bit table)
+  ``w4-cuberoot-fhead`` ``w4-cuberoot`` with the LM head and the embedding float
+  ``w8a8``              the default W8A8 (SmoothQuant a=0.5, per-token dynamic int8, float head;
+                        32 calibration windows of wiki.valid.tokens)
+  ``w8a8-cuberoot``     the same with cube-root weights (per channel) and activations (per token)
+
+- Perplexity (``--ppl-variants``, default every variant but ``w4-cuberoot-dq``, whose weights differ
+  from the codebook form by float32 rounding only): graphq.evaluate.perplexity over the first
+  ``--windows`` 512-token windows of WikiText-2 ``wiki.test.raw`` (the ``graphq eval`` protocol),
+  ONNX Runtime CPU EP, ``--threads`` threads, full optimisation. The float model is scored only
+  with ``--ppl-float`` (its 40-window value, 28.7387, is in the README).
+- Speed (unless ``--no-speed``): tools/bench_speed.py's harness on the float model plus every
+  variant, ``--repeats`` interleaved rounds, no perplexity: decode tokens/s (32-token prompt, 128
+  greedy tokens, KV cache, batch 1) and prefill tokens/s (one 512-token window), as the median over
+  rounds of the ratio to float in the same round; the ratio to the uniform counterpart
+  (w4-cuberoot* vs w4-rtn, w8a8-cuberoot vs w8a8) is the quotient of those medians.
+- Size: the .onnx file plus external data; graphq's size bound (``bits_per_quantized_weight``).
+
+Prints a table; ``--json`` writes the protocol and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench_cuberoot")
+TOOLS = Path(__file__).resolve().parent
+VARIANTS = ("w4-rtn", "w4-cuberoot", "w4-cuberoot-dq", "w4-rtn-fhead", "w4-cuberoot-fhead", "w8a8", "w8a8-cuberoot")
+FLOAT_PPL_40 = 28.7387
+UNIFORM_OF = {"w4-cuberoot": "w4-rtn", "w4-cuberoot-dq": "w4-rtn", "w4-cuberoot-fhead": "w4-rtn-fhead",
+              "w8a8-cuberoot": "w8a8"}
+
+
+def recipe_of(variant: str):
+    from graphq.config import LM_HEAD_NODES, RECIPES
+
+    if variant == "w4-cuberoot-dq":
+        base = RECIPES["w4-cuberoot"]
+        return dataclasses.replace(base, name=variant, emit=dataclasses.replace(base.emit, format="dq-cube"))
+    if variant.endswith("-fhead"):
+        base = RECIPES[variant.removesuffix("-fhead")]
+        return dataclasses.replace(base, name=variant, embedding="float", float_nodes=LM_HEAD_NODES)
+    return RECIPES[variant]
+
+
+def build(variant: str, model: Path, work_dir: Path) -> tuple[Path, dict]:
+    """The variant's graph (built unless already there) and what graphq reported."""
+    from graphq.config import W8A8Recipe
+    from graphq.quantize import quantize_model
+    from graphq.weight_only import quantize_weights
+
+    out = work_dir / variant / "model.onnx"
+    report = out.with_suffix(".graphq.json")
+    if out.is_file() and report.is_file():
+        logger.info("%s: reusing %s", variant, out)
+        return out, json.loads(report.read_text())
+    recipe = recipe_of(variant)
+    run = quantize_model if isinstance(recipe, W8A8Recipe) else quantize_weights
+    start = time.perf_counter()
+    result = run(model, out, recipe, overwrite=True, progress=False)
+    data = {**result.to_json(), "build_seconds": round(time.perf_counter() - start, 1)}
+    report.write_text(json.dumps(data, indent=2) + "\n")
+    return out, data
+
+
+def load_bench_speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", TOOLS / "bench_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_speed"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def perplexities(names: list[str], paths: dict[str, Path], model_dir: Path, windows: int, threads: int) -> dict[str, float]:
+    from graphq.verify import cpu_session
+
+    bench_speed = load_bench_speed()
+    tokens = bench_speed.wikitext_windows(bench_speed.SpeedConfig(model_dir=model_dir), windows)
+    from graphq.evaluate import perplexity
+
+    scores = {}
+    for name in names:
+        start = time.perf_counter()
+        scores[name] = perplexity(cpu_session(paths[name], threads=threads), tokens, progress=False)
+        logger.info("%s: perplexity %.4f on %d windows (%.0f s)", name, scores[name], windows, time.perf_counter() - start)
+    return scores
+
+
+def speeds(names: list[str], paths: dict[str, Path], model_dir: Path, repeats: int, threads: int, work_dir: Path) -> dict:
+    bench_speed = load_bench_speed()
+    config = bench_speed.SpeedConfig(model_dir=model_dir, peers=("float",), graphq_models=tuple((n, paths[n]) for n in names),
+                                     threads=threads, repeats=repeats, perplexity=False, work_dir=work_dir / "speed")
+    rows = bench_speed.run(config)
+    return {row.peer: row for row in rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_cuberoot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("/tmp/smol_onnx_past"), help="float with-past export folder")
+    parser.add_argument("--variants", default="w4-rtn,w4-cuberoot,w4-cuberoot-dq,w8a8,w8a8-cuberoot")
+    parser.add_argument("--ppl-variants", default=None, help="comma list (default: every variant but w4-cuberoot-dq)")
+    parser.add_argument("--ppl-float", action="store_true", help="also score the float model")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wt_cuberoot/bench"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "onnx_ir", "onnxscript", "graphq.calibrate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]} (one of {', '.join(VARIANTS)})")
+    ppl_names = [v for v in variants if v != "w4-cuberoot-dq"] if args.ppl_variants is None else \
+        [v.strip() for v in args.ppl_variants.split(",") if v.strip()]
+    model = args.model / "model.onnx"
+    paths, reports = {"float": model}, {}
+    for variant in variants:
+        paths[variant], reports[variant] = build(variant, model, args.work_dir)
+    ppl = perplexities((["float"] if args.ppl_float else []) + ppl_names, paths, args.model, args.windows, args.threads)
+    speed = {} if args.no_speed else speeds(variants, paths, args.model, args.repeats, args.threads, args.work_dir)
+    from graphq.evaluate import model_file_bytes
+
+    # float's 40-window perplexity from the README (graphq eval, same function and windows) unless scored here
+    float_ppl = ppl.get("float") or (FLOAT_PPL_40 if args.windows == 40 else None)
+    rows = []
+    for name in ["float", *variants]:
+        row = speed.get(name)
+        uniform = speed.get(UNIFORM_OF.get(name, ""))
+        size = reports.get(name, {}).get("size_breakdown", {})
+        rows.append({
+            "variant": name, "perplexity": ppl.get(name), "windows": args.windows if name in ppl else None,
+            "ppl_over_float": None if name not in ppl else ppl[name] / float_ppl if float_ppl else None,
+            "file_mb": round(model_file_bytes(paths[name]) / 1e6, 1),
+            "bits_per_quantized_weight": size.get("bits_per_quantized_weight"),
+            "decode_x_float": row.decode_ratio if row else None, "prefill_x_float": row.prefill_ratio if row else None,
+            "decode_x_uniform": (row.decode_ratio / uniform.decode_ratio) if row and uniform and row.decode_ratio and uniform.decode_ratio else None,
+            "prefill_x_uniform": (row.prefill_ratio / uniform.prefill_ratio) if row and uniform and row.prefill_ratio and uniform.prefill_ratio else None,
+            "decode_tokens_per_s": row.decode_tokens_per_s if row else None, "greedy_match": row.greedy_match if row else None,
+            "kernels": row.kernels if row else None, "build_seconds": reports.get(name, {}).get("build_seconds"),
+            "status": row.status if row else None,
+        })
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    print("| variant | ppl | x float | size MB | bits/weight | decode x float | prefill x float | decode x uniform | prefill x uniform |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {fmt(r['perplexity'], '.4f')} | {fmt(r['ppl_over_float'], '.3f')} | {r['file_mb']} | "
+              f"{fmt(r['bits_per_quantized_weight'], '.3f')} | {fmt(r['decode_x_float'], '.2f')} | {fmt(r['prefill_x_float'], '.2f')} | "
+              f"{fmt(r['decode_x_uniform'], '.2f')} | {fmt(r['prefill_x_uniform'], '.2f')} |")
+    if args.json is not None:
+        import onnxruntime
+
+        protocol = {"model": str(model), "windows": args.windows, "repeats": args.repeats, "threads": args.threads,
+                    "onnxruntime": onnxruntime.__version__, "argv": sys.argv[1:] if argv is None else argv}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
