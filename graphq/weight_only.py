@@ -18,8 +18,13 @@
    ``< b`` are already quantized (fake-quantized float weights), one block at a time
    (:mod:`graphq.blockwise`), as in the GPTQ and AWQ papers; otherwise from the float model in
    one pass.
-3. Emit ``MatMulNBits`` or blockwise ``DequantizeLinear`` (:mod:`graphq.passes.weight_only_emit`),
-   clean up, save to a staging folder, verify (checker + ORT session), move into place.
+   With ``grid = "cuberoot"`` (recipe ``w4-cuberoot``), RTN rounds on the cube-root companded grid
+   instead (:mod:`graphq.numerics.companding`: levels ``sigma (q - 2^(b-1))^3``); a tied LM head that
+   shares its codes with the embedding stays uniform (``embedding_bits``), like ``w4-rtn``'s.
+3. Emit ``MatMulNBits`` or blockwise ``DequantizeLinear`` (:mod:`graphq.passes.weight_only_emit`), or for
+   cube-root weights a codebook ``Gather`` or ``DequantizeLinear`` + ``Pow(., 3)``
+   (:mod:`graphq.passes.cuberoot_emit`), clean up, save to a staging folder, verify (checker + ORT
+   session), move into place.
 """
 
 from __future__ import annotations

@@ -31,6 +31,14 @@ Protocol (every number of one invocation comes from this run):
   (w4-cuberoot* vs w4-rtn, w8a8-cuberoot vs w8a8) is the quotient of those medians.
 - Size: the .onnx file plus external data; graphq's size bound (``bits_per_quantized_weight``).
 
+- Weight error (``--weight-error``, numpy only, no ONNX Runtime): for random ``[576, 576]`` weights
+  (Gaussian, Laplace, Student-t with 3 degrees of freedom; seed 0) and for every MatMul weight of
+  ``--model`` (the LM head / tied embedding included), int4 g128 symmetric uniform RTN (sign trick)
+  vs cube-root g128: the relative squared error ``||W - W_hat||^2 / ||W||^2``, the same restricted
+  to small weights (``|w| < 0.5 std`` of the matrix), and the relative output error
+  ``||X (W - W_hat)|| / ||X W||`` for Gaussian inputs ``X [256, K]`` (seed 0); the excess kurtosis
+  of the weights says how heavy their tails are. Real-model rows are sums over all matrices.
+
 Prints a table; ``--json`` writes the protocol and the numbers.
 """
 
@@ -116,6 +124,58 @@ def speeds(names: list[str], paths: dict[str, Path], model_dir: Path, repeats: i
     return {row.peer: row for row in rows}
 
 
+def weight_errors(model: Path) -> list[dict]:
+    """Uniform vs cube-root int4 g128 reconstruction and output errors (module docstring)."""
+    import numpy as np
+    from graphq.passes.qdq_insert import constant_weight, quantizable_matmuls
+
+    from graphq.modelio import load_model
+    from graphq.numerics.companding import quantize_cuberoot
+    from graphq.numerics.weight_only import WeightQuantConfig, quantize_rtn
+
+    config = WeightQuantConfig(bits=4, group_size=128, symmetric=True)
+    rng = np.random.default_rng(0)
+    sources = {"gaussian": [rng.standard_normal((576, 576))], "laplace": [rng.laplace(size=(576, 576))],
+               "student-t3": [rng.standard_t(3, size=(576, 576))]}
+    graph = load_model(model)
+    sources[f"{model.parent.name} (all {len(quantizable_matmuls(graph))} MatMul weights)"] = \
+        [constant_weight(node) for node in quantizable_matmuls(graph)]
+    rows = []
+    for name, weights in sources.items():
+        sums = dict.fromkeys(("w2", "uni", "cube", "small_w2", "small_uni", "small_cube", "y2", "y_uni", "y_cube"), 0.0)
+        kurtosis = []
+        for w in weights:
+            uni = quantize_rtn(w, config, pad=True).dequantize() - w
+            cube = quantize_cuberoot(w, config, pad=True).dequantize() - w
+            small = np.abs(w) < 0.5 * w.std()
+            x = rng.standard_normal((256, w.shape[0]))
+            y = x @ w
+            sums["w2"] += np.sum(w**2); sums["uni"] += np.sum(uni**2); sums["cube"] += np.sum(cube**2)
+            sums["small_w2"] += np.sum(w[small] ** 2); sums["small_uni"] += np.sum(uni[small] ** 2)
+            sums["small_cube"] += np.sum(cube[small] ** 2)
+            sums["y2"] += np.sum(y**2); sums["y_uni"] += np.sum((x @ uni) ** 2); sums["y_cube"] += np.sum((x @ cube) ** 2)
+            centred = w - w.mean()
+            kurtosis.append(float(np.mean(centred**4) / np.mean(centred**2) ** 2 - 3))
+        rows.append({"weights": name, "excess_kurtosis_median": float(np.median(kurtosis)),
+                     "rel_sq_error_uniform": sums["uni"] / sums["w2"], "rel_sq_error_cuberoot": sums["cube"] / sums["w2"],
+                     "small_rel_sq_error_uniform": sums["small_uni"] / sums["small_w2"],
+                     "small_rel_sq_error_cuberoot": sums["small_cube"] / sums["small_w2"],
+                     "rel_output_error_uniform": float(np.sqrt(sums["y_uni"] / sums["y2"])),
+                     "rel_output_error_cuberoot": float(np.sqrt(sums["y_cube"] / sums["y2"]))})
+        logger.info("weight error: %s done", name)
+    return rows
+
+
+def print_weight_errors(rows: list[dict]) -> None:
+    print("| weights (int4 g128 sym) | excess kurtosis | rel. sq. error uniform | cube-root | small |w| uniform | small cube-root "
+          "| output error uniform | cube-root |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['weights']} | {r['excess_kurtosis_median']:.2f} | {r['rel_sq_error_uniform']:.5f} | {r['rel_sq_error_cuberoot']:.5f} | "
+              f"{r['small_rel_sq_error_uniform']:.4f} | {r['small_rel_sq_error_cuberoot']:.4f} | "
+              f"{r['rel_output_error_uniform']:.4f} | {r['rel_output_error_cuberoot']:.4f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_cuberoot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("/tmp/smol_onnx_past"), help="float with-past export folder")
@@ -128,10 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wt_cuberoot/bench"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--weight-error", action="store_true", help="only the numpy weight-error table (no graphs built)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr, force=True)
     for noisy in ("transformers", "onnx_ir", "onnxscript", "graphq.calibrate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.weight_error:
+        rows = weight_errors(args.model / "model.onnx")
+        print_weight_errors(rows)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"protocol": {"model": str(args.model), "weight_error": True}, "rows": rows}, indent=2) + "\n")
+        return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
