@@ -156,6 +156,7 @@ def weight_errors(model: Path) -> list[dict]:
             sums["y2"] += np.sum(y**2); sums["y_uni"] += np.sum((x @ uni) ** 2); sums["y_cube"] += np.sum((x @ cube) ** 2)
             centred = w - w.mean()
             kurtosis.append(float(np.mean(centred**4) / np.mean(centred**2) ** 2 - 3))
+        sums = {key: float(value) for key, value in sums.items()}
         rows.append({"weights": name, "excess_kurtosis_median": float(np.median(kurtosis)),
                      "rel_sq_error_uniform": sums["uni"] / sums["w2"], "rel_sq_error_cuberoot": sums["cube"] / sums["w2"],
                      "small_rel_sq_error_uniform": sums["small_uni"] / sums["small_w2"],
