@@ -31,6 +31,11 @@ Protocol (every number of one invocation comes from this run):
   (w4-cuberoot* vs w4-rtn, w8a8-cuberoot vs w8a8) is the quotient of those medians.
 - Size: the .onnx file plus external data; graphq's size bound (``bits_per_quantized_weight``).
 
+- Probe (``--probe V1,V2``): a light speed check, one session at a time (bench_speed keeps every
+  session open, which the shared machine's memory could not hold with the dq-cube graph): per
+  variant and float, in order, one 8-token greedy decode (32-token prompt) after a 2-token warm-up
+  and one 512-token prefill after a warm-up; tokens/s and the ratio to float of the same pass.
+  Sequential, not interleaved: rougher than the harness, for forms too slow for 128-token decodes.
 - Weight error (``--weight-error``, numpy only, no ONNX Runtime): for random ``[576, 576]`` weights
   (Gaussian, Laplace, Student-t with 3 degrees of freedom; seed 0) and for every MatMul weight of
   ``--model`` (the LM head / tied embedding included), int4 g128 symmetric uniform RTN (sign trick)
@@ -177,6 +182,32 @@ def print_weight_errors(rows: list[dict]) -> None:
               f"{r['rel_output_error_uniform']:.4f} | {r['rel_output_error_cuberoot']:.4f} |")
 
 
+def probe(names: list[str], paths: dict[str, Path], model_dir: Path, threads: int) -> dict[str, dict]:
+    """Decode (8 tokens) and prefill (512 tokens) rates, one session at a time (module docstring)."""
+    import gc
+
+    from graphq.evaluate import greedy_decode, prefill_seconds
+    from graphq.verify import cpu_session
+
+    bench_speed = load_bench_speed()
+    window = bench_speed.wikitext_windows(bench_speed.SpeedConfig(model_dir=model_dir), 1)[0]
+    prompt = window[:32]
+    rates = {}
+    for name in ["float", *names]:
+        session = cpu_session(paths[name], threads=threads)
+        greedy_decode(session, prompt, 2)
+        _, seconds = greedy_decode(session, prompt, 8)
+        prefill = prefill_seconds(session, window, 1)
+        rates[name] = {"decode_tokens_per_s": 8 / seconds, "prefill_tokens_per_s": len(window) / prefill}
+        logger.info("probe %s: %s", name, rates[name])
+        del session
+        gc.collect()
+    for name in names:
+        rates[name]["decode_x_float"] = rates[name]["decode_tokens_per_s"] / rates["float"]["decode_tokens_per_s"]
+        rates[name]["prefill_x_float"] = rates[name]["prefill_tokens_per_s"] / rates["float"]["prefill_tokens_per_s"]
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_cuberoot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("/tmp/smol_onnx_past"), help="float with-past export folder")
@@ -189,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wt_cuberoot/bench"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--probe", default=None, help="comma list of variants: the light sequential speed probe only")
     parser.add_argument("--weight-error", action="store_true", help="only the numpy weight-error table (no graphs built)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -200,6 +232,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"protocol": {"model": str(args.model), "weight_error": True}, "rows": rows}, indent=2) + "\n")
+        return 0
+    if args.probe:
+        names = [v.strip() for v in args.probe.split(",") if v.strip()]
+        paths = {"float": args.model / "model.onnx"}
+        for name in names:
+            paths[name], _ = build(name, paths["float"], args.work_dir)
+        rates = probe(names, paths, args.model, args.threads)
+        print("| variant | decode tok/s (8) | prefill tok/s | decode x float | prefill x float |")
+        print("|---|---|---|---|---|")
+        for name, r in rates.items():
+            print(f"| {name} | {r['decode_tokens_per_s']:.2f} | {r['prefill_tokens_per_s']:.1f} | "
+                  f"{r.get('decode_x_float', 1.0):.3f} | {r.get('prefill_x_float', 1.0):.3f} |")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"protocol": {"model": str(args.model), "probe": names, "threads": args.threads},
+                                             "rates": rates}, indent=2) + "\n")
         return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
