@@ -118,7 +118,8 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
               help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w4-rtn, w4-gptq, "
-                   "w4-awq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, mixed) or a .json/.yaml recipe file.")
+                   "w4-awq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, w4-cuberoot, w8a8-cuberoot, mixed) "
+                   "or a .json/.yaml recipe file.")
 @click.option("--alpha", type=float, default=None, help="[w8a8] SmoothQuant migration strength a in [0, 1].")
 @click.option("--no-smoothquant", is_flag=True, help="[w8a8] Disable SmoothQuant.")
 @click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,
@@ -128,8 +129,9 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--bits", type=int, default=None, help="[weight-only] Bits per weight (2-8).")
 @click.option("--group-size", type=int, default=None, help="[weight-only] Group size along the input dimension (0: per channel).")
 @click.option("--asym/--sym", "asymmetric", default=None, help="[weight-only] Asymmetric (zero point) or symmetric groups.")
-@click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq"]), default=None,
-              help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21).")
+@click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq", "codebook", "dq-cube"]), default=None,
+              help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21); cube-root "
+                   "weights: codebook Gather or DequantizeLinear + Pow 3.")
 @click.option("--accuracy-level", type=int, default=None, help="[weight-only] MatMulNBits accuracy_level (0 unset; 4: int8 activations).")
 @click.option("--embedding", type=click.Choice(["quantized", "float"]), default=None,
               help="[weight-only] Token embedding as GatherBlockQuantized (sharing a tied head's codes) or float.")

@@ -22,6 +22,7 @@ from graphq.passes.keep_float import KeepFloatPolicy
 from graphq.passes.qdq_insert import QdqConfig
 from graphq.passes.smoothquant import SmoothQuantConfig
 from graphq.numerics.weight_only import WeightQuantConfig
+from graphq.passes.weight_only_emit import WeightOnlyEmitConfig
 from graphq.weight_only import GptqConfig, WeightOnlyRecipe
 from graphq.mixed import MixedRecipe
 
@@ -40,6 +41,15 @@ class W8A8Recipe:
     keep_float: KeepFloatPolicy = KeepFloatPolicy()
     # Regular expressions (re.search) on node names: matching MatMuls stay float.
     float_nodes: tuple[str, ...] = ()
+    # "uniform" int8, or "cuberoot": weights and activations companded (graphq.passes.cuberoot_qdq).
+    grid: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.grid not in W8A8_GRIDS:
+            raise GraphqError(f"w8a8 grid must be one of {W8A8_GRIDS}, got '{self.grid}'")
+
+
+W8A8_GRIDS = ("uniform", "cuberoot")
 
 
 # Node-name pattern of the LM head in optimum's exports of decoder LMs.
@@ -61,6 +71,8 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
                               float_nodes=LM_HEAD_NODES),
     "w8a8-trt": W8A8Recipe(name="w8a8-trt", smoothquant=SmoothQuantConfig(alpha=0.8),
                            activations=QdqConfig(activation_scheme="static", target="tensorrt"), float_nodes=LM_HEAD_NODES),
+    # Cube-root companding of weights and activations (seed 004), otherwise as w8a8; float MatMuls.
+    "w8a8-cuberoot": W8A8Recipe(name="w8a8-cuberoot", grid="cuberoot", float_nodes=LM_HEAD_NODES),
     # Weight-only (activations float): group 128 symmetric unless named otherwise.
     "w4-rtn": WeightOnlyRecipe(name="w4-rtn", method="rtn"),
     "w4-gptq": WeightOnlyRecipe(name="w4-gptq", method="gptq"),
@@ -71,6 +83,8 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
     "w4-gptq-g32-asym": WeightOnlyRecipe(name="w4-gptq-g32-asym", method="gptq",
                                          weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
     "w8-rtn": WeightOnlyRecipe(name="w8-rtn", weights=WeightQuantConfig(bits=8, group_size=128, symmetric=True)),
+    # Cube-root companding (seed 004): non-uniform 4-bit levels, g128, same tied 8-bit head/embedding as w4-rtn.
+    "w4-cuberoot": WeightOnlyRecipe(name="w4-cuberoot", grid="cuberoot", emit=WeightOnlyEmitConfig(format="codebook")),
     # int4 / int8 / float per MatMul from the sensitivity analysis, within 4.5 bits per weight.
     "mixed": MixedRecipe(),
 }

@@ -8,9 +8,11 @@
 3. SmoothQuant (if the recipe has it) folds ``s`` into norm weights / producer weights / an explicit
    Mul. For static activations, the smoothed graph is calibrated again so that ranges describe the
    activations the quantizer will actually see.
-4. Insert int8 weights and activations; clean up; check that no kept node reads quantized data.
+4. Insert int8 weights and activations (recipe ``grid = "cuberoot"``: cube-root companded int8,
+   :mod:`graphq.passes.cuberoot_qdq`, run by float MatMuls); clean up; check that no kept node reads
+   quantized data.
 5. Save to a staging folder, verify (``onnx.checker``, ORT session, integer MatMul kernels in ORT's
-   optimised graph), then move into place. Nothing is written at the output path before that.
+   optimised graph, except for cube-root), then move into place. Nothing is written at the output path before that.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from graphq.errors import GraphqError, InvalidModelError, OutputPathError, Verif
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
 from graphq.passes.cleanup import CleanupPass
+from graphq.passes.cuberoot_qdq import CubeRootQdqPass
 from graphq.passes.keep_float import keep_float_violations, kept_nodes
 from graphq.passes.shape_inference import ShapeInferencePass
 from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, constant_weight, quantizable_matmuls
@@ -209,7 +212,8 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                                            histogram_bins=calib.histogram_bins, progress=progress)
         if static:
             ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in stats.items()}
-        qdq = QdqInsertionPass(plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names)
+        insertion = CubeRootQdqPass if recipe.grid == "cuberoot" else QdqInsertionPass
+        qdq = insertion(plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names)
         graph = qdq(graph).model
         graph = CleanupPass()(graph).model
         violations = keep_float_violations(n for n in graph.graph if n.name in kept_names)
@@ -222,7 +226,9 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
             verify_model_file(staged)
             kernels = ort_kernel_counts(staged)
             integer = {op: count for op, count in kernels.items() if op in INTEGER_MATMUL_KERNELS}
-            if not integer:
+            if not integer and recipe.grid == "cuberoot":
+                logger.info("cube-root W8A8 runs float MatMuls on companded values (no integer kernel can)")
+            elif not integer:
                 raise VerificationError(f"ONNX Runtime runs no integer MatMul kernel on the quantized graph: {kernels}")
             stage_side_files(source, output, staging, signature_of_model(graph))
             try:

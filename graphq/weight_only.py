@@ -18,8 +18,13 @@
    ``< b`` are already quantized (fake-quantized float weights), one block at a time
    (:mod:`graphq.blockwise`), as in the GPTQ and AWQ papers; otherwise from the float model in
    one pass.
-3. Emit ``MatMulNBits`` or blockwise ``DequantizeLinear`` (:mod:`graphq.passes.weight_only_emit`),
-   clean up, save to a staging folder, verify (checker + ORT session), move into place.
+   With ``grid = "cuberoot"`` (recipe ``w4-cuberoot``), RTN rounds on the cube-root companded grid
+   instead (:mod:`graphq.numerics.companding`: levels ``sigma (q - 2^(b-1))^3``); a tied LM head that
+   shares its codes with the embedding stays uniform (``embedding_bits``), like ``w4-rtn``'s.
+3. Emit ``MatMulNBits`` or blockwise ``DequantizeLinear`` (:mod:`graphq.passes.weight_only_emit`), or for
+   cube-root weights a codebook ``Gather`` or ``DequantizeLinear`` + ``Pow(., 3)``
+   (:mod:`graphq.passes.cuberoot_emit`), clean up, save to a staging folder, verify (checker + ORT
+   session), move into place.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from graphq.calibrate import CalibrationConfig, calibration_windows, collect_sta
 from graphq.errors import GraphqError, OutputPathError
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import load_model, save_model, staging_dir
+from graphq.numerics.companding import CubeRootWeight, check_cuberoot_config, quantize_cuberoot
 from graphq.numerics.weight_only import (
     QuantizedWeight,
     WeightQuantConfig,
@@ -49,6 +55,7 @@ from graphq.numerics.weight_only import (
     quantize_rtn,
 )
 from graphq.passes.cleanup import CleanupPass
+from graphq.passes.cuberoot_emit import CUBEROOT_FORMS, CubeRootEmissionPass
 from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass, embedding_group, embedding_lookups
 from graphq.passes.qdq_insert import constant_weight
 from graphq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass, own_constant
@@ -59,6 +66,9 @@ from graphq.verify import verify_model_file
 logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "awq")
+# "uniform": codes on an evenly spaced grid; "cuberoot": levels (k / 2^(b-1))^3 of the group's
+# largest magnitude (cube-root companding, graphq.numerics.companding), RTN only.
+GRIDS = ("uniform", "cuberoot")
 EMBEDDING_MODES = ("quantized", "float")
 
 
@@ -117,10 +127,21 @@ class WeightOnlyRecipe:
     embedding_bits: int | None = 8
     calibration: CalibrationConfig = CalibrationConfig(windows=16)
     float_nodes: tuple[str, ...] = ()
+    grid: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise GraphqError(f"weight-only method must be one of {METHODS}, got '{self.method}'")
+        if self.grid not in GRIDS:
+            raise GraphqError(f"weight-only grid must be one of {GRIDS}, got '{self.grid}'")
+        if self.grid == "cuberoot":
+            check_cuberoot_config(self.weights)
+            if self.method != "rtn":
+                raise GraphqError(f"the cube-root grid is quantized by round to nearest only, not '{self.method}'")
+            if self.emit.format not in CUBEROOT_FORMS:
+                raise GraphqError(f"cube-root weights are emitted as {' or '.join(CUBEROOT_FORMS)}, not '{self.emit.format}'")
+        elif self.emit.format in CUBEROOT_FORMS:
+            raise GraphqError(f"format '{self.emit.format}' is for cube-root weights (grid cuberoot), not uniform ones")
         if self.embedding_bits is not None and self.embedding_bits not in (4, 8):
             raise GraphqError(f"weight-only embedding_bits must be 4 or 8 (GatherBlockQuantized), got {self.embedding_bits}")
         if self.embedding not in EMBEDDING_MODES:
@@ -205,7 +226,7 @@ def _plan(model: ir.Model, recipe: WeightOnlyRecipe) -> tuple[list[ir.Node], lis
 def _tied_heads(model: ir.Model, planned: list[ir.Node], recipe: WeightOnlyRecipe) -> dict[str, tuple[str, WeightQuantConfig]]:
     """Planned MatMuls whose weight is ``Transpose(E)`` with ``E`` also an embedding table: node name ->
     (embedding initializer name, the RTN config that lets the lookup share the head's codes)."""
-    if recipe.embedding != "quantized" or recipe.emit.format != "matmulnbits":
+    if recipe.embedding != "quantized" or recipe.emit.format not in ("matmulnbits", *CUBEROOT_FORMS):
         return {}
     tables = {gather.inputs[0].name for gather in embedding_lookups(model)}
     tied = {}
@@ -298,8 +319,9 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
         logger.info("weight-only: %s shares its codes with the embedding lookup (RTN, group %d)",
                     ", ".join(tied), next(iter(tied.values()))[1].group_size)
     if recipe.method == "rtn":
+        rounding = quantize_cuberoot if recipe.grid == "cuberoot" else quantize_rtn
         for node in (n for n in planned if n.name not in tied):
-            quantized[node.name] = quantize_rtn(constant_weight(node), recipe.weights, pad=recipe.pad_groups)
+            quantized[node.name] = rounding(constant_weight(node), recipe.weights, pad=recipe.pad_groups)
     else:
         tokenizer = load_tokenizer(source, tokenizer_dir)
         windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
@@ -327,11 +349,16 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
                 runner.advance(stage)
     quantized = {node.name: quantized[node.name] for node in planned}  # graph order, whatever the method
     weights = sum(int(np.prod(q.shape)) for q in quantized.values())
-    emit = WeightOnlyEmissionPass(quantized, recipe.emit)
-    graph = emit(graph).model
+    cube = {name: q for name, q in quantized.items() if isinstance(q, CubeRootWeight)}
+    uniform = {name: q for name, q in quantized.items() if name not in cube}
+    if cube:  # a tied head shared with the embedding stays uniform MatMulNBits
+        graph = CubeRootEmissionPass(cube, recipe.emit.format)(graph).model
+    if uniform:
+        emit_config = recipe.emit if recipe.grid == "uniform" else dataclasses.replace(recipe.emit, format="matmulnbits")
+        graph = WeightOnlyEmissionPass(uniform, emit_config)(graph).model
     embedded, embedded_bits = 0, 0.0
     if recipe.embedding == "quantized":
-        if recipe.emit.format == "matmulnbits":
+        if recipe.emit.format != "qdq":
             tables = {g.name: g.inputs[0].const_value.shape for g in embedding_lookups(graph)}
             shared = {table: f"{name}_Q{config.bits}" for name, (table, config) in tied.items()}
             lookup = EmbeddingQuantizationPass(EmbeddingQuantConfig(recipe.embedding_config), shared=shared)

@@ -33,7 +33,9 @@ from graphq.passes.qdq_insert import new_initializer
 
 logger = logging.getLogger(__name__)
 
-EMIT_FORMATS = ("matmulnbits", "qdq")
+# "codebook" and "dq-cube" are the forms of cube-root weights (graphq.passes.cuberoot_emit).
+EMIT_FORMATS = ("matmulnbits", "qdq", "codebook", "dq-cube")
+UNIFORM_FORMATS = ("matmulnbits", "qdq")
 BLOCKWISE_DQ_OPSET = 21
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 _STORAGE = {4: ml_dtypes.uint4, 8: np.uint8}
@@ -70,6 +72,8 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
 
     def __init__(self, quantized: Mapping[str, QuantizedWeight], config: WeightOnlyEmitConfig = WeightOnlyEmitConfig()) -> None:
         super().__init__()
+        if config.format not in UNIFORM_FORMATS:
+            raise GraphqError(f"format '{config.format}' is for cube-root weights (graphq.passes.cuberoot_emit)")
         self.quantized = dict(quantized)
         self.config = config
         self.emitted: list[str] = []
