@@ -43,7 +43,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
