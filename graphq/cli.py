@@ -116,10 +116,14 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @app.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
-@click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
+@click.option("--recipe", "recipe_name", default=None,
               help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w4-rtn, w4-gptq, "
-                   "w4-awq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, w4-cuberoot, w8a8-cuberoot, mixed) "
-                   "or a .json/.yaml recipe file.")
+                   "w4-awq, w4-gptq-clip, w4-awq-gptq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, w4-cuberoot, "
+                   "w8a8-cuberoot, mixed) or a .json/.yaml recipe file (default w8a8; none with --kv-cache/--attention alone).")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["int8"]), default=None,
+              help="With-past graphs: the KV cache crosses the graph boundary as int8 + per-token scales.")
+@click.option("--attention", "attention", type=click.Choice(["int8"]), default=None,
+              help="Int8 (QDQ-simulated) inputs to the QK^T and PV MatMuls; Softmax stays float.")
 @click.option("--alpha", type=float, default=None, help="[w8a8] SmoothQuant migration strength a in [0, 1].")
 @click.option("--no-smoothquant", is_flag=True, help="[w8a8] Disable SmoothQuant.")
 @click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,
@@ -155,7 +159,8 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")
 @click.option("--save-recipe", type=click.Path(path_type=Path), default=None, help="Also write the effective recipe (.json/.yaml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, no_smoothquant: bool,
+def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str | None, attention: str | None,
+             alpha: float | None, no_smoothquant: bool,
              activations: str | None, range_method: str | None, bits: int | None, group_size: int | None,
              asymmetric: bool | None, emit_format: str | None, accuracy_level: int | None, embedding: str | None,
              embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
@@ -164,16 +169,34 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
     """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
     import dataclasses
 
+    from graphq.attention_quant import AttentionQuantConfig
     from graphq.config import W8A8Recipe, dump_recipe, load_recipe
     from graphq.mixed import MixedRecipe
     from graphq.passes.smoothquant import SmoothQuantConfig
     from graphq.quantize import quantize_model
     from graphq.weight_only import quantize_weights
 
-    recipe = load_recipe(recipe_name)
+    cache_config = AttentionQuantConfig(kv_cache=kv_cache, attention=attention)
+    if recipe_name is None and cache_config.active:
+        options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
+                   "--range": range_method, "--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric,
+                   "--format": emit_format, "--accuracy-level": accuracy_level, "--embedding": embedding,
+                   "--embedding-bits": embedding_bits, "--sequential/--one-pass": sequential, "--budget-bits": budget_bits,
+                   "--target-ratio": target_ratio, "--analysis": analysis_path, "--plan": plan_path,
+                   "--method": mixed_method, "--calib-windows": calib_windows, "--calib-text": calib_text,
+                   "--save-recipe": save_recipe}
+        misplaced = [k for k, v in options.items() if v is not None]
+        if misplaced:
+            raise GraphqError(f"{misplaced[0]} needs a weight recipe (--recipe); --kv-cache/--attention alone quantize "
+                              "only the attention")
+        _quantize_cache(model, output, cache_config, overwrite=overwrite)
+        return
+    recipe = load_recipe(recipe_name or "w8a8")
     mixed_options = {"--budget-bits": budget_bits, "--target-ratio": target_ratio, "--analysis": analysis_path,
                      "--plan": plan_path, "--method": mixed_method}
     if isinstance(recipe, MixedRecipe):
+        if cache_config.active:
+            raise GraphqError("--kv-cache/--attention combine with w8a8 and weight-only recipes, not with 'mixed'")
         misplaced = [k for k, v in {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                                     "--range": range_method, "--bits": bits, "--group-size": group_size,
                                     "--asym/--sym": asymmetric, "--sequential/--one-pass": sequential}.items() if v is not None]
@@ -232,8 +255,13 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
     _check_side_outputs(model, output, save_recipe)
     run = quantize_model if is_w8a8 else quantize_weights
     before = _OutputFolder.snapshot(output.parent)
-    result = run(model, output, recipe, tokenizer_dir=tokenizer, overwrite=overwrite)
-    report = result.to_json()
+    if cache_config.active:
+        result, cache_report = _quantize_with_cache(run, model, output, recipe, cache_config, tokenizer=tokenizer,
+                                                    overwrite=overwrite)
+        report = {**result.to_json(), "model_path": str(output), "attention_quant": cache_report}
+    else:
+        result = run(model, output, recipe, tokenizer_dir=tokenizer, overwrite=overwrite)
+        report = result.to_json()
     texts = [(output.with_suffix(".graphq.json"), json.dumps(report, indent=2) + "\n")]
     if save_recipe is not None:
         texts.append((save_recipe, dump_recipe(recipe, save_recipe)))
@@ -255,6 +283,45 @@ def quantize(model: Path, output: Path, recipe_name: str, alpha: float | None, n
             f"({size['quantized_weights']} weights x {size['bits_per_quantized_weight']:.3f} bits "
             f"+ {size['float_initializer_bytes'] / 1e6:.1f} MB float initializers)"
         )
+
+
+def _quantize_cache(model: Path, output: Path, config, *, overwrite: bool) -> None:
+    """``graphq quantize --kv-cache int8 [--attention int8]`` without a weight recipe."""
+    from graphq.attention_quant import quantize_attention
+
+    before = _OutputFolder.snapshot(output.parent)
+    result = quantize_attention(model, output, config, overwrite=overwrite)
+    report = result.to_json()
+    _write_or_withdraw(output, [(output.with_suffix(".graphq.json"), json.dumps(report, indent=2) + "\n")], before)
+    click.echo(_cache_summary(report))
+
+
+def _cache_summary(report: dict) -> str:
+    parts = []
+    if report["kv_cache"]:
+        parts.append(f"KV cache {report['kv_cache']} on {report['cache_tensors']} tensors "
+                     f"({report['cache_bytes_per_token']} bytes/token vs {report['cache_bytes_per_token_float32']} float32 "
+                     f"= {report['cache_ratio_vs_float32']}x)")
+    if report["attention"]:
+        parts.append(f"int8 attention inputs on {report['attention_matmul_pairs']} QK^T/PV pairs (QDQ simulation)")
+    return f"{'; '.join(parts)} -> {report['model_path']}"
+
+
+def _quantize_with_cache(run, model: Path, output: Path, recipe, cache_config, *, tokenizer: Path | None, overwrite: bool):
+    """A weight recipe into a staging folder beside ``output``, then the attention/cache passes on its result."""
+    from graphq.attention_quant import check_attention_quant, quantize_attention
+    from graphq.modelio import load_model, staging_dir
+    from graphq.quantize import resolve_quantize_paths
+
+    # Refuse a bad output or a graph the cache/attention rewrite cannot take before the long part.
+    source, _ = resolve_quantize_paths(model, output, overwrite=overwrite)
+    check_attention_quant(load_model(source), cache_config)
+    with staging_dir(output) as staging:
+        weights = staging / output.name
+        result = run(model, weights, recipe, tokenizer_dir=tokenizer, overwrite=False)
+        cache = quantize_attention(weights, output, cache_config, overwrite=overwrite)
+    click.echo(_cache_summary(cache.to_json()))
+    return result, cache.to_json()
 
 
 def _quantize_mixed(model: Path, output: Path, recipe, *, budget_bits: float | None, target_ratio: float | None,

@@ -17,6 +17,13 @@ prefilled, then 128 tokens are generated greedily one at a time, feeding back ``
 ``past_key_values.*``. Decode tokens/s = 128 / time of those 128 steps; median of
 ``decode_repeats`` runs after a warm-up.
 
+**Chunked perplexity** (graphs with a KV cache; :func:`chunked_perplexity`): the same windows and
+formula, but each window is fed as a prefill of its first ``prefill_tokens`` tokens from an empty
+cache, then chunks of ``chunk_tokens`` tokens, each chunk reading the cache that the previous
+steps returned. Tokens after the prefill therefore attend to earlier tokens through the cache the
+graph emits (int8 for a graph from ``--kv-cache int8``); with a float cache the result equals the
+one-pass perplexity up to float rounding.
+
 All sessions use ``threads`` intra-op threads (fixed; default 2) and ORT's full graph optimisation.
 **Size**: bytes of the .onnx file plus its external-data files.
 """
@@ -24,6 +31,7 @@ All sessions use ``threads`` intra-op threads (fixed; default 2) and ORT's full 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import statistics
@@ -157,6 +165,35 @@ def perplexity(session: ort.InferenceSession, windows: np.ndarray, progress: boo
     for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress or None):
         (logits,) = session.run(["logits"], build_feeds(signature, window[None, :]))
         total += window_nll(logits[0], window)
+    return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def chunked_window_logits(session: ort.InferenceSession, window: np.ndarray, prefill_tokens: int,
+                          chunk_tokens: int) -> np.ndarray:
+    """Logits ``(tokens, vocab)`` of one window fed as a prefill then chunks through the KV cache."""
+    signature = GraphSignature.of(session)
+    if not signature.has_kv_cache:
+        raise GraphqError("chunked perplexity needs a graph with a KV cache (export with --with-past)")
+    if not 1 <= prefill_tokens < len(window) or chunk_tokens < 1:
+        raise GraphqError(f"chunked perplexity needs 1 <= prefill ({prefill_tokens}) < window tokens ({len(window)}) "
+                          f"and chunk >= 1 ({chunk_tokens})")
+    names = list(signature.output_names)
+    pieces, cache = [], None
+    bounds = [0, *range(prefill_tokens, len(window), chunk_tokens), len(window)]
+    for begin, end in itertools.pairwise(bounds):
+        feeds = build_feeds(signature, window[None, begin:end], cache)
+        outputs = dict(zip(names, session.run(names, feeds)))
+        pieces.append(outputs["logits"][0])
+        cache = next_cache(signature, outputs)
+    return np.concatenate(pieces, axis=0)
+
+
+def chunked_perplexity(session: ort.InferenceSession, windows: np.ndarray, prefill_tokens: int, chunk_tokens: int,
+                       progress: bool = True) -> float:
+    """Perplexity with every window fed as ``prefill_tokens`` then chunks of ``chunk_tokens``."""
+    total = 0.0
+    for window in tqdm(windows, desc="chunked perplexity", unit="window", disable=not progress or None):
+        total += window_nll(chunked_window_logits(session, window, prefill_tokens, chunk_tokens), window)
     return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
 
 

@@ -52,6 +52,8 @@ def genai_config(signature: GraphSignature, hf_config: dict, filename: str, gene
     """The genai_config.json content for a decoder graph; UnsupportedModelError says why there is none."""
     if not signature.has_kv_cache:
         raise UnsupportedModelError("the graph has no KV cache (export with --with-past)")
+    if any(name.endswith("_scale") for name in signature.past_inputs):
+        raise UnsupportedModelError("onnxruntime-genai cannot feed an int8 KV cache (per-token scale inputs)")
     if "logits" not in signature.output_names:
         raise UnsupportedModelError("the graph has no 'logits' output")
     unknown = [name for name in signature.input_names if name not in GENAI_INPUTS and name not in signature.past_inputs]

@@ -4,7 +4,9 @@ Optimum's exports name their inputs by convention; this module maps those names 
 ``input_ids``, ``attention_mask`` (ones: no padding), ``position_ids`` (positions after the cache),
 ``token_type_ids`` (zeros) and the KV cache ``past_key_values.<layer>.<key|value>`` with layout
 ``[batch, kv_heads, past_length, head_dim]``. An empty cache has ``past_length = 0``; the
-``present.<layer>.<key|value>`` outputs become the next step's cache.
+``present.<layer>.<key|value>`` outputs become the next step's cache. A graph with an int8 cache
+(passes/kv_cache_int8.py) also has ``past_key_values.<layer>.<key|value>_scale``
+``[batch, kv_heads, past_length, 1]`` inputs fed back from ``present.<layer>.<key|value>_scale``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from graphq.errors import GraphqError, UnsupportedModelError
 
-PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value|key_scale|value_scale)$")
 # The exception types ONNX Runtime raises from C++ (loading or running a session).
 ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
     error for error in vars(_ort_state).values() if isinstance(error, type) and issubclass(error, Exception)
