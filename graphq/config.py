@@ -18,7 +18,9 @@ from pathlib import Path
 from graphq.calibrate import CalibrationConfig
 from graphq.errors import GraphqError
 from graphq.numerics.calibration import RangeEstimator
+from graphq.numerics.clipping import WeightClip
 from graphq.passes.keep_float import KeepFloatPolicy
+from graphq.passes.peg import PegConfig
 from graphq.passes.qdq_insert import QdqConfig
 from graphq.passes.smoothquant import SmoothQuantConfig
 from graphq.numerics.weight_only import WeightQuantConfig
@@ -40,6 +42,15 @@ class W8A8Recipe:
     keep_float: KeepFloatPolicy = KeepFloatPolicy()
     # Regular expressions (re.search) on node names: matching MatMuls stay float.
     float_nodes: tuple[str, ...] = ()
+    # Per-embedding-group static activations (graphq.passes.peg); None: one scale per tensor.
+    peg: PegConfig | None = None
+    # Per-column range of the int8 weights (k-sigma clipping, graphq.numerics.clipping).
+    weight_clip: WeightClip = WeightClip()
+
+    def __post_init__(self) -> None:
+        if self.peg is not None and self.activations.activation_scheme != "static":
+            raise GraphqError("PEG (per-embedding-group activation scales) needs static activations, "
+                              f"not '{self.activations.activation_scheme}'")
 
 
 # Node-name pattern of the LM head in optimum's exports of decoder LMs.
@@ -61,6 +72,10 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
                               float_nodes=LM_HEAD_NODES),
     "w8a8-trt": W8A8Recipe(name="w8a8-trt", smoothquant=SmoothQuantConfig(alpha=0.8),
                            activations=QdqConfig(activation_scheme="static", target="tensorrt"), float_nodes=LM_HEAD_NODES),
+    # Static activations with one scale per group of 576 / 8 = 72 hidden channels, the channels gathered
+    # by calibrated range (PEG, seed 001); no SmoothQuant. K = 8 chosen on SmolLM2-135M (tools/bench_outliers.py).
+    "w8a8-peg": W8A8Recipe(name="w8a8-peg", smoothquant=None, activations=_STATIC, float_nodes=LM_HEAD_NODES,
+                           peg=PegConfig(groups=8)),
     # Weight-only (activations float): group 128 symmetric unless named otherwise.
     "w4-rtn": WeightOnlyRecipe(name="w4-rtn", method="rtn"),
     "w4-gptq": WeightOnlyRecipe(name="w4-gptq", method="gptq"),
