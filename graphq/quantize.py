@@ -63,8 +63,8 @@ class QuantizeResult:
     integer_kernels: dict[str, int]
     kept_float_nodes: int
     seconds: float
-    # k of the k-sigma weight clip per quantized node (searched or fixed); empty without clipping.
-    weight_clip_k: dict[str, float] = dataclasses.field(default_factory=dict)
+    # k of the k-sigma weight clip per quantized node (searched or fixed; None: no clip chosen); empty without clipping.
+    weight_clip_k: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -157,7 +157,7 @@ def _weight_ranges(model: ir.Model, plan: dict[str, str], recipe: W8A8Recipe) ->
         if precision == INT8:
             ranges[name], k = recipe.weight_clip.column_ranges(constant_weight(nodes[name]))
             if k is not None:
-                ks[name] = k
+                ks[name] = k if np.isfinite(k) else None  # None: the search kept the column maxima
     if ks:
         logger.info("weight clip %s: k per node %s", recipe.weight_clip.method, dict(collections.Counter(ks.values())))
     return ranges, ks

@@ -6,14 +6,19 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
 from conftest import run_model, sha256_tree
+
 from graphq.calibrate import CalibrationConfig
 from graphq.config import RECIPES
 from graphq.errors import GraphqError
 from graphq.evaluate import EvalConfig, evaluate_model
 from graphq.numerics.calibration import RangeEstimator
-from graphq.numerics.peg import embedding_groups, group_ranges, peg_fake_quantize, range_permutation
+from graphq.numerics.peg import (
+    embedding_groups,
+    group_ranges,
+    peg_fake_quantize,
+    range_permutation,
+)
 from graphq.numerics.quantize import per_column_weight_quantization, symmetric_scale
 from graphq.passes.peg import PegConfig, PegGroupingPass
 from graphq.passes.qdq_insert import QdqConfig, QdqInsertionPass

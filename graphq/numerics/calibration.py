@@ -30,8 +30,8 @@ represented on ``[-c, c]``); with ``L = 2^(bits-1) - 1`` levels per side the ste
   step, which round to 0 with error ``v^2``; on peaked, heavy-tailed activations it picks clips
   whose real error is several times the optimum, worse than ``abs_max`` at 8 bits.)
 - ``range_k_sigma``: ``min(abs_max, |mean| + k * std)`` (k-sigma clipping, Gong et al. 2024).
-- ``range_k_sigma_search``: the ``range_k_sigma`` value, over a grid of ``k``, whose expected squared
-  quantization error on the histogram (:func:`histogram_mse`, same model as ``range_mse`` but at any
+- ``range_k_sigma_search``: the ``range_k_sigma`` value, over a grid of ``k`` and ``abs_max`` (no
+  clipping), whose expected squared quantization error on the histogram (:func:`histogram_mse`, same model as ``range_mse`` but at any
   clip ``c``, the bin holding ``c`` split at ``c``) is smallest; ties go to the larger ``k``.
 
 A tensor that was exactly zero everywhere gets ``ZERO_TENSOR_RANGE``: every value quantizes to 0
@@ -290,11 +290,11 @@ def histogram_mse(stats: RunningStats, clip: float, bits: int) -> float:
 
 
 def range_k_sigma_search(stats: RunningStats, grid: tuple[float, ...], bits: int) -> float:
-    """The ``range_k_sigma`` clip over ``grid`` with the least :func:`histogram_mse`."""
+    """The ``range_k_sigma`` clip over ``grid``, or ``range_minmax`` (no clip), with the least :func:`histogram_mse`."""
     _require_data(stats)
     best_error, best = math.inf, None
-    for k in sorted(grid, reverse=True):
-        clip = range_k_sigma(stats, k)
+    for k in [math.inf, *sorted(grid, reverse=True)]:
+        clip = range_minmax(stats) if k == math.inf else range_k_sigma(stats, k)
         error = histogram_mse(stats, clip, bits)
         if error < best_error:
             best_error, best = error, clip

@@ -10,14 +10,16 @@ clipping takes the column's range as
 ``s_n = c_n / Q`` and values beyond ``c_n`` saturate at ``+-Q``: a few large weights are clipped and
 every other weight gets a finer step.
 
-The searched mode picks one ``k`` per tensor from a grid, the one whose quantized weight has the
-least squared error ``sum (W - s * clip(round(W / s), -Q, Q))^2`` (ties: the larger ``k``, the lighter
-clip). :class:`WeightClip` is the typed option (``method``: ``none`` | ``k_sigma`` | ``k_sigma_search``).
+The searched mode picks one ``k`` per tensor from a grid plus "no clipping" (``k = inf``, the plain
+column maxima), the one whose quantized weight has the least squared error
+``sum (W - s * clip(round(W / s), -Q, Q))^2`` (ties: the larger ``k``, the lighter clip).
+:class:`WeightClip` is the typed option (``method``: ``none`` | ``k_sigma`` | ``k_sigma_search``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -46,10 +48,10 @@ def clipped_quantization_error(weight: np.ndarray, ranges: np.ndarray, bits: int
 
 
 def search_k_sigma(weight: np.ndarray, grid: tuple[float, ...], bits: int = 8) -> tuple[float, np.ndarray]:
-    """The ``k`` of ``grid`` (and its column ranges) with the least clipped quantization error."""
+    """The ``k`` of ``grid`` or ``inf`` (no clipping), and its column ranges, with the least quantization error."""
     best = None
-    for k in sorted(grid, reverse=True):
-        ranges = column_k_sigma_ranges(weight, k)
+    for k in [math.inf, *sorted(grid, reverse=True)]:
+        ranges = np.abs(np.asarray(weight, dtype=np.float64)).max(axis=0) if k == math.inf else column_k_sigma_ranges(weight, k)
         error = clipped_quantization_error(weight, ranges, bits)
         if best is None or error < best[0]:
             best = (error, k, ranges)
