@@ -188,6 +188,15 @@ def _peg_groups(model: ir.Model, plan: dict[str, str], stats: dict, recipe: W8A8
         group_stats = collect_statistics(grouped_path, list(peg.group_values), windows, threads=calib.threads,
                                          histogram_bins=calib.histogram_bins, progress=progress)
         ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in group_stats.items()}
+    if recipe.peg.float_outlier_group:  # per activation, the group with the largest range stays float
+        widest = {}
+        for value, (x, _) in peg.group_values.items():
+            if x not in widest or ranges[value] > ranges[widest[x]]:
+                widest[x] = value
+        kept = set(widest.values())
+        for node in model.graph:
+            if node.name in peg.group_nodes and node.inputs[0].name in kept:
+                group_plan[node.name] = FLOAT
     return model, group_plan, ranges, {n: weight_ranges[orig] for n, orig in peg.group_nodes.items()}
 
 

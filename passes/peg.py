@@ -35,10 +35,13 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class PegConfig:
-    """``groups`` channel groups per activation; ``permute``: gather them by calibrated range first."""
+    """``groups`` channel groups per activation; ``permute``: gather them by calibrated range first;
+    ``float_outlier_group``: the group with the largest range keeps float activations and weights
+    (mixed precision as in seed 001; ``1/groups`` of the channels), the others int8."""
 
     groups: int = 8
     permute: bool = True
+    float_outlier_group: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:

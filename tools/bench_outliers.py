@@ -11,7 +11,8 @@ Protocol (every number in the table comes from this one run):
   per-output-channel weights, static per-tensor int8 activations with min-max ranges, LM head float
   (as every graphq W8A8 recipe). Every other row changes exactly one thing of the baseline:
   ``peg-kK`` (recipe ``w8a8-peg`` with K groups, range-based permutation), ``peg-kK-noperm``
-  (contiguous groups), ``act-ks-K`` / ``act-ks-search`` (activation range ``k_sigma`` with k = K /
+  (contiguous groups), ``peg-kK-floatout`` (the group with the largest range of each activation kept
+  float: mixed precision, not pure W8A8), ``act-ks-K`` / ``act-ks-search`` (activation range ``k_sigma`` with k = K /
   ``k_sigma_search``), ``w-ks-K`` / ``w-ks-search`` (weights clipped per column at k-sigma /
   searched k per tensor), ``peg-k8-w-ks-search`` (both).
 - Calibration: ONE pass of graphq.calibrate.collect_statistics over the first ``--calib-windows``
@@ -72,8 +73,9 @@ def row_recipe(name: str, base):
     if parts[0] == "peg":
         groups = int(parts[1].removeprefix("k"))
         permute = "noperm" not in parts
-        recipe = dataclasses.replace(recipe, peg=PegConfig(groups=groups, permute=permute))
-        rest = [p for p in parts[2:] if p != "noperm"]
+        float_outlier = "floatout" in parts
+        recipe = dataclasses.replace(recipe, peg=PegConfig(groups=groups, permute=permute, float_outlier_group=float_outlier))
+        rest = [p for p in parts[2:] if p not in ("noperm", "floatout")]
     if rest[:2] == ["act", "ks"]:
         k = rest[2]
         estimator = RangeEstimator(method="k_sigma_search") if k == "search" else RangeEstimator(method="k_sigma", k=float(k))
