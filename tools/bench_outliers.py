@@ -27,6 +27,8 @@ Protocol (every number in the table comes from this one run):
 - Speed: prefill of the first test window (graphq.evaluate.prefill_seconds, one warm-up + one timed
   run per round), the ``--speed-rows`` and float timed in turn in each of ``--speed-rounds`` rounds
   (order rotated every round); median seconds; ratios to the baseline from the same rounds.
+  ``--time NAME=PATH`` (repeatable) times already-quantized graphs the same way and does nothing else
+  (ratios to the first one named).
 
 Prints a table on stdout; ``--json`` writes the protocol and the rows.
 """
@@ -129,10 +131,32 @@ def speed(paths: dict[str, Path], threads: int, rounds: int) -> dict[str, float]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def time_only(args) -> int:
+    """``--time``: prefill rounds over already-quantized graphs, a table, nothing else."""
+    from graphq.quantize import ort_kernel_counts
+
+    paths = dict(item.split("=", 1) for item in args.time)
+    seconds = speed({name: Path(path) for name, path in paths.items()}, args.threads, args.speed_rounds)
+    first = next(iter(seconds))
+    print(f"| graph | prefill s (median of {args.speed_rounds}) | {first} time / graph time | ORT kernels (integer MatMuls, PEG plumbing) |")
+    print("|---|---|---|---|")
+    rows = []
+    for name, value in seconds.items():
+        counts = ort_kernel_counts(Path(paths[name]))
+        kernels = {op: counts[op] for op in KERNEL_OPS if op in counts}
+        rows.append({"row": name, "path": paths[name], "prefill_seconds": value, "ratio": seconds[first] / value,
+                     "kernels": kernels})
+        print(f"| {name} | {value:.3f} | {seconds[first] / value:.2f} | {kernels} |")
+    if args.json:
+        args.json.write_text(json.dumps({"protocol": {"threads": args.threads, "speed_rounds": args.speed_rounds},
+                                         "rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--work-dir", type=Path)
     parser.add_argument("--rows", default=DEFAULT_ROWS)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--calib-windows", type=int, default=32)
@@ -140,11 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-rows", default="")
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--time", action="append", default=[], metavar="NAME=PATH",
+                        help="speed only: time these already-quantized graphs (prefill rounds as above), nothing else")
     parser.add_argument("--stats-cache", type=Path,
                         help="pickle of the calibration statistics: read if present (same model and --calib-windows), else written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.time and (args.model is None or args.work_dir is None):
+        parser.error("--model and --work-dir are required (unless --time)")
 
+    if args.time:
+        return time_only(args)
     from graphq.config import recipe_to_dict
     from graphq.evaluate import EvalConfig, evaluate_model, model_file_bytes
     from graphq.quantize import ort_kernel_counts, quantize_model
