@@ -37,6 +37,7 @@ from graphq.errors import GraphqError, InvalidModelError, OutputPathError, Verif
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
 from graphq.passes.cleanup import CleanupPass
+from graphq.passes.dedupe_initializers import DeduplicateInitializersPass
 from graphq.numerics.peg import embedding_groups, group_ranges
 from graphq.passes.keep_float import keep_float_violations, kept_nodes
 from graphq.passes.peg import PegGroupingPass, check_groups_divide
@@ -285,6 +286,8 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
         qdq = QdqInsertionPass(qdq_plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names,
                                weight_abs_max=weight_ranges)
         graph = qdq(graph).model
+        if recipe.peg is not None:  # the groups of one MatMul share its weight scales and zero points
+            graph = DeduplicateInitializersPass(merge_transposed=False)(graph).model
         graph = CleanupPass()(graph).model
         violations = keep_float_violations(n for n in graph.graph if n.name in kept_names)
         if violations:
