@@ -117,7 +117,7 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default=None,
-              help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w4-rtn, w4-gptq, "
+              help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w8a8-peg, w4-rtn, w4-gptq, "
                    "w4-awq, w4-gptq-clip, w4-awq-gptq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, w4-cuberoot, "
                    "w8a8-cuberoot, mixed) or a .json/.yaml recipe file (default w8a8; none with --kv-cache/--attention alone).")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["int8"]), default=None,
@@ -128,8 +128,14 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--no-smoothquant", is_flag=True, help="[w8a8] Disable SmoothQuant.")
 @click.option("--activations", type=click.Choice(["static", "dynamic-token"]), default=None,
               help="[w8a8] Activation quantization: static per-tensor (calibrated) or dynamic per-token.")
-@click.option("--range", "range_method", type=click.Choice(["minmax", "percentile", "mse", "k_sigma"]), default=None,
-              help="[w8a8] Static activation range estimator.")
+@click.option("--range", "range_method", type=click.Choice(["minmax", "percentile", "mse", "k_sigma", "k_sigma_search"]),
+              default=None, help="[w8a8] Static activation range estimator.")
+@click.option("--weight-clip", type=click.Choice(["none", "k_sigma", "k_sigma_search"]), default=None,
+              help="[w8a8] Per-column int8 weight range: max |w|, k-sigma clipped, or k searched per tensor.")
+@click.option("--k", "k_sigma", type=float, default=None, help="[w8a8] k of k-sigma clipping (activations and weights; > 0).")
+@click.option("--peg-groups", type=int, default=None,
+              help="[w8a8] Per-embedding-group static activations: K groups of hidden channels (must divide the hidden sizes).")
+@click.option("--peg-permute/--no-peg-permute", default=None, help="[w8a8] Gather PEG groups by calibrated channel range.")
 @click.option("--bits", type=int, default=None, help="[weight-only] Bits per weight (2-8).")
 @click.option("--group-size", type=int, default=None, help="[weight-only] Group size along the input dimension (0: per channel).")
 @click.option("--asym/--sym", "asymmetric", default=None, help="[weight-only] Asymmetric (zero point) or symmetric groups.")
@@ -161,7 +167,8 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str | None, attention: str | None,
              alpha: float | None, no_smoothquant: bool,
-             activations: str | None, range_method: str | None, bits: int | None, group_size: int | None,
+             activations: str | None, range_method: str | None, weight_clip: str | None, k_sigma: float | None,
+             peg_groups: int | None, peg_permute: bool | None, bits: int | None, group_size: int | None,
              asymmetric: bool | None, emit_format: str | None, accuracy_level: int | None, embedding: str | None,
              embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
              analysis_path: Path | None, plan_path: Path | None, mixed_method: str | None, calib_windows: int | None,
@@ -172,6 +179,7 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
     from graphq.attention_quant import AttentionQuantConfig
     from graphq.config import W8A8Recipe, dump_recipe, load_recipe
     from graphq.mixed import MixedRecipe
+    from graphq.passes.peg import PegConfig
     from graphq.passes.smoothquant import SmoothQuantConfig
     from graphq.quantize import quantize_model
     from graphq.weight_only import quantize_weights
@@ -199,7 +207,9 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
             raise GraphqError("--kv-cache/--attention combine with w8a8 and weight-only recipes, not with 'mixed'")
         misplaced = [k for k, v in {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                                     "--range": range_method, "--bits": bits, "--group-size": group_size,
-                                    "--asym/--sym": asymmetric, "--sequential/--one-pass": sequential}.items() if v is not None]
+                                    "--asym/--sym": asymmetric, "--sequential/--one-pass": sequential, "--weight-clip": weight_clip,
+                                    "--k": k_sigma, "--peg-groups": peg_groups, "--peg-permute": peg_permute}.items()
+                     if v is not None]
         if misplaced:
             raise GraphqError(f"{misplaced[0]} does not apply to the mixed recipe '{recipe.name}' (its precisions are int4/int8/float)")
         if mixed_method is not None:
@@ -213,7 +223,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
     if misplaced:
         raise GraphqError(f"{misplaced[0]} applies to the mixed recipe only, not to '{recipe.name}'")
     w8a8_options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
-                    "--range": range_method}
+                    "--range": range_method, "--weight-clip": weight_clip, "--k": k_sigma, "--peg-groups": peg_groups,
+                    "--peg-permute": peg_permute}
     weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric, "--format": emit_format,
                       "--accuracy-level": accuracy_level, "--embedding": embedding, "--embedding-bits": embedding_bits,
                       "--sequential/--one-pass": sequential}
@@ -230,6 +241,15 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
             recipe = dataclasses.replace(recipe, activations=dataclasses.replace(recipe.activations, activation_scheme=activations))
         if range_method is not None:
             recipe = dataclasses.replace(recipe, activation_range=dataclasses.replace(recipe.activation_range, method=range_method))
+        if weight_clip is not None:
+            recipe = dataclasses.replace(recipe, weight_clip=dataclasses.replace(recipe.weight_clip, method=weight_clip))
+        if k_sigma is not None:
+            recipe = dataclasses.replace(recipe, activation_range=dataclasses.replace(recipe.activation_range, k=k_sigma),
+                                         weight_clip=dataclasses.replace(recipe.weight_clip, k=k_sigma))
+        if peg_groups is not None or peg_permute is not None:
+            peg = recipe.peg or PegConfig()
+            peg = dataclasses.replace(peg, **{k: v for k, v in (("groups", peg_groups), ("permute", peg_permute)) if v is not None})
+            recipe = dataclasses.replace(recipe, peg=peg)
     else:
         weights = recipe.weights
         for field, value in (("bits", bits), ("group_size", group_size), ("symmetric", None if asymmetric is None else not asymmetric)):

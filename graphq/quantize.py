@@ -40,7 +40,10 @@ from graphq.evaluate import load_tokenizer
 from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.cuberoot_qdq import CubeRootQdqPass
+from graphq.passes.dedupe_initializers import DeduplicateInitializersPass
+from graphq.numerics.peg import embedding_groups, group_ranges
 from graphq.passes.keep_float import keep_float_violations, kept_nodes
+from graphq.passes.peg import PegGroupingPass, check_groups_divide
 from graphq.passes.shape_inference import ShapeInferencePass
 from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, constant_weight, quantizable_matmuls
 from graphq.passes.smoothquant import SmoothQuantPass
@@ -64,6 +67,8 @@ class QuantizeResult:
     integer_kernels: dict[str, int]
     kept_float_nodes: int
     seconds: float
+    # k of the k-sigma weight clip per quantized node (searched or fixed; None: no clip chosen); empty without clipping.
+    weight_clip_k: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -75,6 +80,7 @@ class QuantizeResult:
             "integer_kernels_in_ort_graph": self.integer_kernels,
             "kept_float_nodes": self.kept_float_nodes,
             "seconds": round(self.seconds, 2),
+            **({"weight_clip_k": self.weight_clip_k} if self.weight_clip_k else {}),
         }
 
 
@@ -144,6 +150,60 @@ def _activation_inputs(model: ir.Model, plan: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(nodes[name].inputs[0].name for name, p in plan.items() if p == INT8))
 
 
+def _weight_ranges(model: ir.Model, plan: dict[str, str], recipe: W8A8Recipe) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Per-column weight ranges of the int8 nodes (with the recipe's clip) and the k used per node;
+    both empty when the weights are neither clipped nor split into PEG groups (the default path)."""
+    if recipe.weight_clip.method == "none" and recipe.peg is None:
+        return {}, {}
+    nodes = {node.name: node for node in model.graph}
+    ranges, ks = {}, {}
+    for name, precision in plan.items():
+        if precision == INT8:
+            ranges[name], k = recipe.weight_clip.column_ranges(constant_weight(nodes[name]))
+            if k is not None:
+                ks[name] = k if np.isfinite(k) else None  # None: the search kept the column maxima
+    if ks:
+        logger.info("weight clip %s: k per node %s", recipe.weight_clip.method, dict(collections.Counter(ks.values())))
+    return ranges, ks
+
+
+def _peg_groups(model: ir.Model, plan: dict[str, str], stats: dict, recipe: W8A8Recipe, weight_ranges: dict,
+                workdir: Path, windows: np.ndarray, progress: bool):
+    """Split the int8 MatMuls into channel groups (passes/peg.py); returns the grouped model, its plan,
+    one static range per group tensor and the original weights' column ranges per group MatMul."""
+    nodes = {node.name: node for node in model.graph}
+    planned = [name for name, p in plan.items() if p == INT8]
+    groups = {}
+    for name in planned:
+        x = nodes[name].inputs[0].name
+        if x not in groups:
+            groups[x] = embedding_groups(stats[x].channel_abs_max, recipe.peg.groups, permute=recipe.peg.permute)
+    peg = PegGroupingPass(groups, planned)
+    model = peg(model).model
+    group_plan = {**{n: p for n, p in plan.items() if p != INT8}, **{n: INT8 for n in peg.group_nodes}}
+    if recipe.activation_range.method == "minmax":
+        ranges = {value: float(group_ranges(stats[x].channel_abs_max, [groups[x][g]])[0])
+                  for value, (x, g) in peg.group_values.items()}
+    else:  # the estimator needs each group's own histogram: calibrate the grouped float graph
+        grouped_path = workdir / "peg.onnx"
+        save_model(model, grouped_path)
+        model = load_model(grouped_path)
+        calib = recipe.calibration
+        group_stats = collect_statistics(grouped_path, list(peg.group_values), windows, threads=calib.threads,
+                                         histogram_bins=calib.histogram_bins, progress=progress)
+        ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in group_stats.items()}
+    if recipe.peg.float_outlier_group:  # per activation, the group with the largest range stays float
+        widest = {}
+        for value, (x, _) in peg.group_values.items():
+            if x not in widest or ranges[value] > ranges[widest[x]]:
+                widest[x] = value
+        kept = set(widest.values())
+        for node in model.graph:
+            if node.name in peg.group_nodes and node.inputs[0].name in kept:
+                group_plan[node.name] = FLOAT
+    return model, group_plan, ranges, {n: weight_ranges[orig] for n, orig in peg.group_nodes.items()}
+
+
 def stage_side_files(source: Path, output: Path, staging: Path, signature: GraphSignature | None = None) -> None:
     """Copy the tokenizer and config files beside the input into ``staging`` (those the output folder
     lacks), so they move into place together with the model; with the output graph's ``signature``,
@@ -173,8 +233,13 @@ def resolve_quantize_paths(model: str | os.PathLike, output: str | os.PathLike, 
 
 
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
-                   tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
-    """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx)."""
+                   tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
+                   statistics: dict | None = None) -> QuantizeResult:
+    """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx).
+
+    ``statistics``: RunningStats of the float graph's planned MatMul inputs, already collected on the
+    recipe's calibration windows (benchmarks reuse one calibration across recipes); used in place of
+    the first calibration pass."""
     if not isinstance(recipe, W8A8Recipe):
         raise GraphqError(f"recipe '{getattr(recipe, 'name', recipe)}' is not a W8A8 recipe; "
                           "weight-only recipes run through graphq.weight_only.quantize_weights")
@@ -184,6 +249,8 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     plan = build_plan(graph, recipe)
     if not any(p == INT8 for p in plan.values()):
         raise GraphqError(f"{source}: no MatMul with a constant weight to quantize (nothing for W8A8 to do)")
+    if recipe.peg is not None:
+        check_groups_divide(graph, [n for n, p in plan.items() if p == INT8], recipe.peg.groups)
     check_finite_weights(graph, source)
     graph = _with_activation_types(graph, plan)
     kept = kept_nodes(graph, recipe.keep_float)
@@ -197,7 +264,9 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     ranges: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="graphq-quantize-") as tmp:
         stats = None
-        if recipe.smoothquant is not None or static:
+        if statistics is not None:
+            stats = {name: statistics[name] for name in _activation_inputs(graph, plan)}
+        elif recipe.smoothquant is not None or static:
             stats = collect_statistics(source, _activation_inputs(graph, plan), windows, threads=calib.threads,
                                        histogram_bins=calib.histogram_bins, progress=progress)
         if recipe.smoothquant is not None:
@@ -210,11 +279,21 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                 graph = load_model(smoothed_path)
                 stats = collect_statistics(smoothed_path, _activation_inputs(graph, plan), windows, threads=calib.threads,
                                            histogram_bins=calib.histogram_bins, progress=progress)
-        if static:
+        weight_ranges, clip_k = _weight_ranges(graph, plan, recipe)
+        qdq_plan = plan
+        if recipe.peg is not None:
+            graph, qdq_plan, ranges, weight_ranges = _peg_groups(graph, plan, stats, recipe, weight_ranges, Path(tmp),
+                                                                 windows, progress)
+        elif static:
             ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in stats.items()}
-        insertion = CubeRootQdqPass if recipe.grid == "cuberoot" else QdqInsertionPass
-        qdq = insertion(plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names)
+        if recipe.grid == "cuberoot":  # W8A8Recipe refuses PEG and weight clipping with this grid
+            qdq = CubeRootQdqPass(plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names)
+        else:
+            qdq = QdqInsertionPass(qdq_plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names,
+                                   weight_abs_max=weight_ranges)
         graph = qdq(graph).model
+        if recipe.peg is not None:  # the groups of one MatMul share its weight scales and zero points
+            graph = DeduplicateInitializersPass(merge_transposed=False)(graph).model
         graph = CleanupPass()(graph).model
         violations = keep_float_violations(n for n in graph.graph if n.name in kept_names)
         if violations:
@@ -237,6 +316,6 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
             except OSError as error:
                 raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
     result = QuantizeResult(model_path=output, recipe=recipe, plan=plan, smoothing=smoothing, integer_kernels=integer,
-                            kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start)
+                            kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start, weight_clip_k=clip_k)
     logger.info("quantized %d MatMuls in %.1fs; ORT integer kernels: %s", len(qdq.quantized), result.seconds, integer)
     return result

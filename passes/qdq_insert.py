@@ -16,6 +16,9 @@ Activations ``x`` (shared by every planned MatMul that reads them) follow one of
   shifted so ORT's fast u8 x s8 kernel applies), ``y = MatMulInteger(xq, Wq, 128) * s_t * s_w``.
   Per-token scales follow each token's own range, which tames outlier tokens.
 
+A node listed in ``weight_abs_max`` uses those per-column ranges ``c_n`` instead of ``max |W[:, n]|``
+(``s_n = c_n / 127``, values beyond ``c_n`` saturate: clipped weights, graphq.numerics.clipping).
+
 A plan maps node names to ``"int8"`` or ``"float"``; nodes absent from it stay float. A planned
 node must be a MatMul with a constant 2-D weight and must not be kept in float by policy.
 """
@@ -30,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.errors import GraphqError
-from graphq.numerics.quantize import per_column_weight_quantization, symmetric_scale
+from graphq.numerics.quantize import per_column_weight_quantization, quantize_symmetric, symmetric_scale
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +102,13 @@ class QdqInsertionPass(ir.passes.InPlacePass):
     """Quantize the planned MatMuls to int8 weights and int8 activations."""
 
     def __init__(self, plan: Mapping[str, str], config: QdqConfig = QdqConfig(), *,
-                 activation_abs_max: Mapping[str, float] | None = None, kept_node_names: frozenset[str] = frozenset()) -> None:
+                 activation_abs_max: Mapping[str, float] | None = None, kept_node_names: frozenset[str] = frozenset(),
+                 weight_abs_max: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.plan = dict(plan)
         self.config = config
         self.activation_abs_max = dict(activation_abs_max or {})
+        self.weight_abs_max = dict(weight_abs_max or {})
         self.kept_node_names = kept_node_names
         self.quantized: list[str] = []
 
@@ -133,7 +138,11 @@ class QdqInsertionPass(ir.passes.InPlacePass):
             if self.plan.get(node.name) != INT8:
                 continue
             weight = constant_weight(node)
-            weight_q, weight_scale = per_column_weight_quantization(weight)
+            if node.name in self.weight_abs_max:
+                weight_scale = symmetric_scale(self.weight_abs_max[node.name])
+                weight_q = quantize_symmetric(weight, weight_scale[None, :])
+            else:
+                weight_q, weight_scale = per_column_weight_quantization(weight)
             stem = node.name.strip("/").replace("/", "_")
             wq = new_initializer(graph, f"{stem}.weight_int8", weight_q)
             ws = new_initializer(graph, f"{stem}.weight_scale", weight_scale)

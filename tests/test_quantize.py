@@ -45,6 +45,8 @@ def test_recipe_end_to_end(name, tiny_llama_onnx, float_ppl, tmp_path):
     # int8 activations with zero point 0 (TensorRT) fuse on the CPU EP only where a quantized tensor
     # has one consumer: o_proj and down_proj in each layer.
     expected_fused = quantized if recipe.activations.target == "cpu" else 4
+    if recipe.peg is not None:  # one integer MatMul per channel group
+        expected_fused *= recipe.peg.groups
     assert result.integer_kernels.get(kernel) == expected_fused
     model = ir.load(out)
     original_kept = {n.name for n in kept_nodes(ir.load(tiny_llama_onnx))}

@@ -30,6 +30,9 @@ represented on ``[-c, c]``); with ``L = 2^(bits-1) - 1`` levels per side the ste
   step, which round to 0 with error ``v^2``; on peaked, heavy-tailed activations it picks clips
   whose real error is several times the optimum, worse than ``abs_max`` at 8 bits.)
 - ``range_k_sigma``: ``min(abs_max, |mean| + k * std)`` (k-sigma clipping, Gong et al. 2024).
+- ``range_k_sigma_search``: the ``range_k_sigma`` value, over a grid of ``k`` and ``abs_max`` (no
+  clipping), whose expected squared quantization error on the histogram (:func:`histogram_mse`, same model as ``range_mse`` but at any
+  clip ``c``, the bin holding ``c`` split at ``c``) is smallest; ties go to the larger ``k``.
 
 A tensor that was exactly zero everywhere gets ``ZERO_TENSOR_RANGE``: every value quantizes to 0
 whatever the range, and a positive range keeps the scale finite.
@@ -46,7 +49,9 @@ from graphq.errors import GraphqError
 
 DEFAULT_BINS = 2048
 ZERO_TENSOR_RANGE = 1.0
-RANGE_METHODS = ("minmax", "percentile", "mse", "k_sigma")
+RANGE_METHODS = ("minmax", "percentile", "mse", "k_sigma", "k_sigma_search")
+# k candidates of the searched k-sigma clip (activations and weights).
+DEFAULT_K_GRID = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0)
 _MSE_BLOCK = 64  # candidates evaluated together in range_mse (64 x bins float64 temporaries)
 
 
@@ -262,6 +267,40 @@ def range_k_sigma(stats: RunningStats, k: float) -> float:
     return value if value > 0 else ZERO_TENSOR_RANGE
 
 
+def histogram_mse(stats: RunningStats, clip: float, bits: int) -> float:
+    """Expected squared error per value of quantizing ``|x|`` (the histogram, values uniform within each
+    bin) on the symmetric grid ``step * [0, L]`` with ``step = clip / L``: rounding below ``clip``,
+    ``(v - clip)^2`` above it."""
+    _require_data(stats)
+    if not clip > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    if stats.hist_range is None:
+        return 0.0
+    step = clip / levels(bits)
+    counts = stats.histogram.astype(np.float64)
+    edges = stats.bin_edges
+    low, high = edges[:-1], edges[1:]
+    width = high - low
+    split = np.clip(clip, low, high)  # each bin is [low, split) rounded and [split, high) clipped
+    rounded = step**3 * (_rounding_integral(split / step) - _rounding_integral(low / step))  # integral of err^2
+    above_low = np.maximum(low, clip)
+    clipped = ((high - clip) ** 3 - (above_low - clip) ** 3) / 3.0 * (high > clip)
+    per_bin = (rounded + clipped) / width
+    return float(per_bin @ counts / stats.count)
+
+
+def range_k_sigma_search(stats: RunningStats, grid: tuple[float, ...], bits: int) -> float:
+    """The ``range_k_sigma`` clip over ``grid``, or ``range_minmax`` (no clip), with the least :func:`histogram_mse`."""
+    _require_data(stats)
+    best_error, best = math.inf, None
+    for k in [math.inf, *sorted(grid, reverse=True)]:
+        clip = range_minmax(stats) if k == math.inf else range_k_sigma(stats, k)
+        error = histogram_mse(stats, clip, bits)
+        if error < best_error:
+            best_error, best = error, clip
+    return best
+
+
 @dataclasses.dataclass(frozen=True)
 class RangeEstimator:
     """How a tensor's clipping range is chosen from its :class:`RunningStats`."""
@@ -269,14 +308,14 @@ class RangeEstimator:
     method: str = "minmax"
     percentile: float = 99.99
     k: float = 5.0
+    k_grid: tuple[float, ...] = DEFAULT_K_GRID
 
     def __post_init__(self) -> None:
         if self.method not in RANGE_METHODS:
             raise GraphqError(f"unknown range method '{self.method}'; choose one of {', '.join(RANGE_METHODS)}")
         if not 0 < self.percentile <= 100:
             raise GraphqError(f"percentile must be in (0, 100], got {self.percentile}")
-        if not self.k > 0:
-            raise GraphqError(f"k (for k-sigma clipping) must be positive, got {self.k}")
+        check_k_values(self.k, self.k_grid)
 
     def absmax(self, stats: RunningStats, bits: int = 8) -> float:
         """The clipping value ``c > 0``: the tensor is quantized symmetrically on ``[-c, c]``."""
@@ -288,4 +327,17 @@ class RangeEstimator:
             return range_percentile(stats, self.percentile)
         if self.method == "mse":
             return range_mse(stats, bits)
+        if self.method == "k_sigma_search":
+            return range_k_sigma_search(stats, self.k_grid, bits)
         return range_k_sigma(stats, self.k)
+
+
+def check_k_values(k: float, grid: tuple[float, ...]) -> None:
+    """k-sigma clipping needs k > 0 (and a non-empty grid of such k to search)."""
+    if not k > 0 or not math.isfinite(k):
+        raise GraphqError(f"k (for k-sigma clipping) must be positive, got {k}")
+    if not grid:
+        raise GraphqError("k_grid (for the searched k-sigma clipping) must hold at least one k")
+    for value in grid:
+        if not value > 0 or not math.isfinite(value):
+            raise GraphqError(f"k_grid values (for k-sigma clipping) must be positive, got {value}")
