@@ -35,7 +35,7 @@ from graphq.calibrate import calibration_windows, collect_statistics
 from graphq.config import W8A8Recipe, recipe_to_dict
 from graphq.errors import GraphqError, InvalidModelError, OutputPathError, VerificationError
 from graphq.evaluate import load_tokenizer
-from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
+from graphq.modelio import check_output_path, load_model, release, resolve_model_file, save_model, staging_dir
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.keep_float import keep_float_violations, kept_nodes
 from graphq.passes.shape_inference import ShapeInferencePass
@@ -116,6 +116,9 @@ def check_finite_weights(model: ir.Model, source: Path) -> None:
             continue
         if weight is not None and np.issubdtype(weight.dtype, np.floating) and not np.isfinite(weight).all():
             broken.append(node.name)
+        del weight
+        for value in node.inputs:  # memory-mapped weights: read one at a time, not all held
+            release(value)
     if broken:
         more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
         raise InvalidModelError(
