@@ -170,8 +170,14 @@ def resolve_quantize_paths(model: str | os.PathLike, output: str | os.PathLike, 
 
 
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
-                   tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
-    """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx)."""
+                   tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
+                   streamed: bool | None = None) -> QuantizeResult:
+    """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx).
+
+    ``streamed`` (default: for models above :data:`graphq.streaming.STREAM_THRESHOLD_BYTES`) runs
+    block by block in bounded memory (:func:`graphq.streaming.quantize_w8a8_streamed`)."""
+    from graphq.streaming import quantize_w8a8_streamed, should_stream
+
     if not isinstance(recipe, W8A8Recipe):
         raise GraphqError(f"recipe '{getattr(recipe, 'name', recipe)}' is not a W8A8 recipe; "
                           "weight-only recipes run through graphq.weight_only.quantize_weights")
@@ -188,6 +194,19 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     tokenizer = load_tokenizer(source, tokenizer_dir)
     windows = calibration_windows(tokenizer, recipe.calibration)
     check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
+    if streamed if streamed is not None else should_stream(graph):
+        with staging_dir(output) as staging:
+            smoothing, integer = quantize_w8a8_streamed(graph, source, staging / output.name, recipe, plan, kept_names,
+                                                        windows, progress=progress)
+            del graph
+            stage_side_files(source, output, staging)
+            try:
+                for item in sorted(staging.iterdir()):
+                    os.replace(item, output.parent / item.name)
+            except OSError as error:
+                raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
+        return QuantizeResult(model_path=output, recipe=recipe, plan=plan, smoothing=smoothing, integer_kernels=integer,
+                              kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start)
     calib = recipe.calibration
     static = recipe.activations.activation_scheme == "static"
     smoothing: dict[str, str] = {}

@@ -90,7 +90,9 @@ def matmul_weight_consumers(activation: ir.Value) -> list[ir.Node] | None:
 
 
 def _set_constant(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(np.require(array, requirements="C"), name=value.name)
+    """Replace ``value``'s constant, keeping its float type (float16 models stay float16)."""
+    dtype = value.const_value.dtype.numpy() if value.const_value is not None else array.dtype
+    value.const_value = ir.tensor(np.require(array.astype(dtype, copy=False), requirements="C"), name=value.name)
 
 
 def private_constant(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value | None:
@@ -184,7 +186,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if not self.config.explicit_mul:
             logger.info("smoothquant: %s has no foldable producer; skipped", activation.name)
             return None
-        inverse = ir.Value(name=f"{activation.name}/smooth_inverse", const_value=ir.tensor((1.0 / scales).astype(np.float32)))
+        float_dtype = np.float16 if any(constant_of(n.inputs[1]).dtype == np.float16 for n in consumers) else np.float32
+        inverse = ir.Value(name=f"{activation.name}/smooth_inverse", const_value=ir.tensor((1.0 / scales).astype(float_dtype)))
         graph.register_initializer(inverse)
         mul = ir.node("Mul", [activation, inverse], name=f"{activation.name}/smooth_mul")
         smoothed = mul.outputs[0]
