@@ -50,7 +50,7 @@ from graphq.numerics.weight_only import (
 )
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass, embedding_group, embedding_lookups
-from graphq.passes.qdq_insert import constant_weight
+from graphq.passes.qdq_insert import constant_weight, has_constant_weight
 from graphq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass, own_constant
 from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
 from graphq.runtime import check_token_ids, embedding_rows
@@ -195,7 +195,7 @@ def _plan(model: ir.Model, recipe: WeightOnlyRecipe) -> tuple[list[ir.Node], lis
     for node in model.graph:
         if node.op_type != "MatMul" or node.domain != "":
             continue
-        if constant_weight(node) is None or any(p.search(node.name) for p in patterns):
+        if not has_constant_weight(node) or any(p.search(node.name) for p in patterns):
             kept.append(node.name)
         else:
             planned.append(node)
@@ -272,6 +272,7 @@ def write_fake_quantized(node: ir.Node, quantized: QuantizedWeight) -> None:
         logger.debug("weight-only: %s reads a shared or transposed weight; later stages see it in float", node.name)
         return
     dtype = node.inputs[1].const_value.dtype.numpy()  # float16 models keep float16 weights
+    release(node.inputs[1])
     dequantized = quantized.dequantize().astype(dtype)
     node.inputs[1].const_value = ir.tensor(dequantized, name=node.inputs[1].name)
 

@@ -64,28 +64,42 @@ class QdqConfig:
             raise GraphqError("the tensorrt target needs static activations (TensorRT consumes only QDQ)")
 
 
-def constant_weight(node: ir.Node) -> np.ndarray | None:
-    """W of ``MatMul(x, W)`` when W is a 2-D constant, or the transpose of one; else None."""
+def _weight_tensor(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
+    """(tensor, transposed) of ``MatMul(x, W)`` when W is a 2-D constant or the transpose of one; reads
+    shapes only, no tensor data."""
     if node.op_type != "MatMul" or node.domain != "" or len(node.inputs) != 2:
         return None
     value = node.inputs[1]
     if value is None or value.is_graph_input():
         return None
     if value.const_value is not None:
-        array = value.const_value.numpy()
-        return array if array.ndim == 2 else None
+        return (value.const_value, False) if len(value.const_value.shape) == 2 else None
     producer = value.producer()
     if producer is not None and producer.op_type == "Transpose":
         source = producer.inputs[0]
         perm = producer.attributes.get_ints("perm", [1, 0])
         if source.const_value is not None and not source.is_graph_input() and len(source.const_value.shape) == 2 and list(perm) == [1, 0]:
-            return source.const_value.numpy().T
+            return source.const_value, True
     return None
+
+
+def has_constant_weight(node: ir.Node) -> bool:
+    """Whether :func:`constant_weight` would return an array (without reading any weight data)."""
+    return _weight_tensor(node) is not None
+
+
+def constant_weight(node: ir.Node) -> np.ndarray | None:
+    """W of ``MatMul(x, W)`` when W is a 2-D constant, or the transpose of one; else None."""
+    found = _weight_tensor(node)
+    if found is None:
+        return None
+    tensor, transposed = found
+    return tensor.numpy().T if transposed else tensor.numpy()
 
 
 def quantizable_matmuls(model: ir.Model) -> list[ir.Node]:
     """MatMuls of the main graph whose second input is a constant 2-D weight (or its transpose)."""
-    return [node for node in model.graph if constant_weight(node) is not None]
+    return [node for node in model.graph if has_constant_weight(node)]
 
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
