@@ -24,7 +24,7 @@ from graphq.streaming import should_stream, verify_streamed
 from graphq.weight_only import quantize_weights
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
-TINY = dict(layers=3, hidden=64, intermediate=128, vocab=300, heads=4, kv_heads=2, max_positions=256)
+TINY = {"layers": 3, "hidden": 64, "intermediate": 128, "vocab": 300, "heads": 4, "kv_heads": 2, "max_positions": 256}
 
 
 def _make_synthetic(folder: Path, **overrides) -> Path:
@@ -144,7 +144,7 @@ def test_sink_embeds_small_external_tensors(synthetic_fp16, tmp_path):
     save_streamed(model, folder / "model.onnx", ExternalDataSink(folder, "model.onnx.data"))
     for tensor in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            assert dict((e.key, e.value) for e in tensor.external_data)["location"] == "model.onnx.data"
+            assert {e.key: e.value for e in tensor.external_data}["location"] == "model.onnx.data"
             assert tensor.name.endswith("weight") and len(tensor.dims) in (1, 2)
     assert verify_streamed(folder / "model.onnx").output_names == ("logits",)
     original = onnx.load(str(synthetic_fp16))

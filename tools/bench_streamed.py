@@ -43,7 +43,7 @@ def _time_v(command: list[str], log: Path) -> dict:
     """Run ``command`` under ``/usr/bin/time -v``; peak RSS (bytes), wall seconds, exit code."""
     start = time.perf_counter()
     with open(log, "w") as handle:
-        completed = subprocess.run(["/usr/bin/time", "-v", *command], stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        completed = subprocess.run(["/usr/bin/time", "-v", *command], check=False, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
     seconds = time.perf_counter() - start
     text = log.read_text(errors="replace")
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
