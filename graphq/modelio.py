@@ -511,7 +511,16 @@ def release(value: ir.Value | None) -> None:
     counting in the process; the tensor maps its file again if read later."""
     tensor = value.const_value if value is not None else None
     if isinstance(tensor, ir.ExternalTensor):
+        release_tensor(tensor)
+
+
+def release_tensor(tensor: ir.ExternalTensor) -> None:
+    """``tensor.release()``; while a caller still holds an array view of the map, the map stays open
+    and closes when the last view is collected."""
+    try:
         tensor.release()
+    except BufferError:
+        logger.debug("%s: memory map still in use; it closes with its last view", tensor.name)
 
 
 def release_all(model: ir.Model) -> None:
@@ -554,7 +563,7 @@ class ExternalDataSink:
         if tensor.nbytes < STREAM_SIZE_THRESHOLD_BYTES:
             if isinstance(tensor, ir.ExternalTensor):  # small, but stored beside the input: embed it
                 value.const_value = ir.Tensor(tensor.numpy().copy(), name=value.name)
-                tensor.release()
+                release_tensor(tensor)
             return False
         padding = -self.offset % STREAM_ALIGNMENT
         try:

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from graphq.modelio import release
 from graphq.numerics.smoothing import smoothing_scales
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,7 @@ def matmul_weight_consumers(activation: ir.Value) -> list[ir.Node] | None:
 def _set_constant(value: ir.Value, array: np.ndarray) -> None:
     """Replace ``value``'s constant, keeping its float type (float16 models stay float16)."""
     dtype = value.const_value.dtype.numpy() if value.const_value is not None else array.dtype
-    if isinstance(value.const_value, ir.ExternalTensor):  # close its memory map now, not at garbage collection
-        value.const_value.release()
+    release(value)  # a memory-mapped input weight: close its map now, not at garbage collection
     value.const_value = ir.tensor(np.require(array.astype(dtype, copy=False), requirements="C"), name=value.name)
 
 
