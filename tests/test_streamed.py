@@ -162,3 +162,15 @@ def test_streamed_static_after_smoothquant_is_refused(synthetic_fp32, tmp_path):
         quantize_model(synthetic_fp32, tmp_path / "s" / "model.onnx", _small(RECIPES["w8a8-static"]), progress=False,
                        streamed=True)
     assert not (tmp_path / "s").exists()
+
+
+def test_release_keeps_a_viewed_map_open(synthetic_fp16):
+    """A weight whose array a caller still holds (SmoothQuant reads gamma, then replaces it) releases
+    without error; the view stays valid."""
+    from graphq.modelio import release
+
+    value = load_model(synthetic_fp16).graph.initializers["model.layers.0.input_layernorm.weight"]
+    view = value.const_value.numpy()
+    expected = view.copy()
+    release(value)
+    np.testing.assert_array_equal(view, expected)
