@@ -43,16 +43,22 @@ def should_stream(model: ir.Model) -> bool:
     return initializer_bytes(model) > STREAM_THRESHOLD_BYTES
 
 
-def verify_streamed(path: str | os.PathLike, *, tokens: int = VERIFY_TOKENS, threads: int = 0) -> VerificationReport:
+def verify_streamed(path: str | os.PathLike, *, tokens: int = VERIFY_TOKENS, threads: int = 0,
+                    prepack: bool = True) -> VerificationReport:
     """``onnx.checker`` by path, an ORT CPU session on the file, and one forward pass over ``tokens``
-    token ids ``0 .. tokens-1`` whose outputs must all be finite."""
+    token ids ``0 .. tokens-1`` whose outputs must all be finite.
+
+    ``prepack=False`` turns off ONNX Runtime's weight prepacking. Peak RSS of this check, measured on
+    7B-shaped 2-layer outputs (``tools/bench_streamed.py`` protocol): W4 MatMulNBits 1.1x the output
+    size with prepacking (0.47 GB for 0.41 GB; 2.2x without), W8A8 MatMulInteger 1.6x with it
+    (1.52 GB for 0.93 GB) and 1.1x without (1.03 GB)."""
     model_path = Path(path)
     try:
         onnx.checker.check_model(str(model_path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise VerificationError(f"{model_path}: ONNX checker failed: {_first_line(error)}") from error
     try:
-        session = cpu_session(model_path, threads=threads)
+        session = cpu_session(model_path, threads=threads, prepack=prepack)
         signature = GraphSignature.of(session)
         outputs = session.run(None, build_feeds(signature, np.arange(tokens, dtype=np.int64)[None, :]))
     except Exception as error:  # ORT raises its own exception types from C++
@@ -141,6 +147,6 @@ def quantize_w8a8_streamed(graph: ir.Model, source: Path, staged: Path, recipe, 
     graph.metadata_props["graphq.recipe"] = json.dumps(recipe_to_dict(recipe), default=str)
     save_streamed(graph, staged, sink)
     del graph
-    verify_streamed(staged)
+    verify_streamed(staged, prepack=False)
     logger.info("streamed W8A8: %d MatMuls quantized, %d activations smoothed", quantized, len(smoothing))
     return smoothing, integer
