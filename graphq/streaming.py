@@ -48,10 +48,10 @@ def verify_streamed(path: str | os.PathLike, *, tokens: int = VERIFY_TOKENS, thr
     """``onnx.checker`` by path, an ORT CPU session on the file, and one forward pass over ``tokens``
     token ids ``0 .. tokens-1`` whose outputs must all be finite.
 
-    ``prepack=False`` turns off ONNX Runtime's weight prepacking. Peak RSS of this check, measured on
-    7B-shaped 2-layer outputs (``tools/bench_streamed.py`` protocol): W4 MatMulNBits 1.1x the output
-    size with prepacking (0.47 GB for 0.41 GB; 2.2x without), W8A8 MatMulInteger 1.6x with it
-    (1.52 GB for 0.93 GB) and 1.1x without (1.03 GB)."""
+    ``prepack=False`` turns off ONNX Runtime's weight prepacking. Peak RSS of this check over the
+    output's file size, on 7B-shaped 2- and 4-layer outputs (``tools/bench_streamed.py
+    --verify-memory``): W4 MatMulNBits 1.2x with prepacking (2.3x without), W8A8 MatMulInteger 1.7x
+    with it and 1.16x without; so W8A8 verifies without prepacking."""
     model_path = Path(path)
     try:
         onnx.checker.check_model(str(model_path))

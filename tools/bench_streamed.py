@@ -22,6 +22,11 @@ between consecutive sizes; linear growth means the marginal cost stays constant 
 are noisy: compare only runs of the same invocation.
 
     nice -n 5 python tools/bench_streamed.py --layers 2 4 --workdir /tmp/bench_streamed --json out.json
+
+``--verify-memory OUT.onnx ...`` instead measures the verification step alone on existing quantized
+outputs: for each, a fresh process opens an ONNX Runtime CPU session (2 threads, all optimisations)
+with and without weight prepacking and runs one 8-token input; peak RSS (``ru_maxrss``) after
+the session and after the run.
 """
 
 from __future__ import annotations
@@ -63,6 +68,35 @@ def _recipe_file(name: str, windows: int, tokens: int, folder: Path) -> Path:
     return path
 
 
+_VERIFY_PROBE = """
+import resource, sys, numpy as np, onnxruntime as ort
+from graphq.runtime import GraphSignature, build_feeds
+options = ort.SessionOptions(); options.intra_op_num_threads = 2; options.log_severity_level = 4
+if sys.argv[2] == "off":
+    options.add_session_config_entry("session.disable_prepacking", "1")
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+opened = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = session.run(None, build_feeds(GraphSignature.of(session), np.arange(8)[None]))
+ran = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(opened * 1024, ran * 1024, bool(np.isfinite(out[0]).all()))
+"""
+
+
+def verify_memory(paths: list[Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+        for prepack in ("on", "off"):
+            done = subprocess.run([sys.executable, "-c", _VERIFY_PROBE, str(path), prepack], check=True, cwd=ROOT,
+                                  capture_output=True, text=True)
+            opened, ran, finite = done.stdout.split()
+            rows.append({"model": str(path), "model_bytes": size, "prepack": prepack, "session_peak_rss_bytes": int(opened),
+                         "run_peak_rss_bytes": int(ran), "finite": finite == "True"})
+            print(f"{path}  {size / 1e9:.2f} GB  prepack {prepack:3}  session {int(opened) / 1e9:.2f} GB  "
+                  f"after run {int(ran) / 1e9:.2f} GB  ratio {int(ran) / size:.2f}  finite {finite}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
@@ -74,11 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--window-tokens", type=int, default=64)
-    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep-models", action="store_true", help="do not delete the synthetic models")
     parser.add_argument("--reuse-models", action="store_true", help="use a model already in the workdir")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--verify-memory", type=Path, nargs="+", help="only measure verification of these outputs")
     args = parser.parse_args(argv)
+    if args.verify_memory:
+        rows = verify_memory(args.verify_memory)
+        if args.json:
+            args.json.write_text(json.dumps({"verify_memory": rows}, indent=1))
+        return 0
+    if args.workdir is None:
+        parser.error("--workdir is required (unless --verify-memory)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for layers in args.layers:
