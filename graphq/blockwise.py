@@ -21,7 +21,8 @@ forwards; instead, the graph is cut into *stages* and each stage runs alone on c
   stages after it, and drops cached tensors no later stage reads.
 
 Cost: two forwards of the model per window in total, whatever the depth (plus one session per stage).
-Memory: the weights of one stage and, per window, the tensors that cross a stage boundary (those
+Memory: the weights of one stage (external data is read into the stage's protobuf, then its memory
+map is released, so a model larger than RAM calibrates stage by stage) and, per window, the tensors that cross a stage boundary (those
 computed from constants alone, such as a transposed tied embedding, are kept once for all windows).
 """
 
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from graphq.calibrate import Accumulator
 from graphq.errors import GraphqError
+from graphq.modelio import release
 from graphq.runtime import build_feeds, signature_of_model
 
 logger = logging.getLogger(__name__)
@@ -166,9 +168,14 @@ def stage_model(model: ir.Model, stage: Stage, outputs: Sequence[str], input_typ
                 constant_inputs[value.name] = onnx.helper.make_tensor_value_info(
                     value.name, int(value.const_value.dtype), list(value.const_value.shape))
                 continue
-            tensor = ir.serde.serialize_tensor(value.const_value)
+            const = value.const_value
+            if isinstance(const, ir.ExternalTensor):  # a session built from bytes cannot read external data
+                const = ir.Tensor(const.numpy(), name=value.name)
+            tensor = ir.serde.serialize_tensor(const)
             tensor.name = value.name
             constants[value.name] = tensor
+            del const
+            release(value)
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(node) for node in stage.nodes],
         f"stage_{stage.key[0]}_{stage.key[1]}",

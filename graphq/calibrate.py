@@ -174,6 +174,11 @@ def _augmented_model(model_path: Path, tensor_names: list[str]) -> ir.Model:
             f"include {_listing(name for name in values if name not in tensor_names)}"
         )
     existing = {value.name for value in model.graph.outputs}
+    if any(values[name].dtype is None for name in tensor_names):  # e.g. a float16 graph without value_info
+        from graphq.passes.shape_inference import ShapeInferencePass
+
+        model = ShapeInferencePass()(model).model
+        values = _graph_values(model.graph)
     for name in tensor_names:
         value = values[name]
         if value.type is None or value.dtype is None:

@@ -14,6 +14,13 @@ while loading.
 Saving never touches the destination until the whole model has been serialised: the model (and its
 external data, for models whose weights exceed the 2 GB protobuf limit) is written into a fresh
 temporary folder beside the destination and then moved into place with ``os.replace``.
+
+Layer-streamed saving (:class:`ExternalDataSink`) bounds memory for models larger than RAM: each
+tensor is appended to the output's external-data file as soon as it is final (offset aligned to
+4096 bytes) and its value becomes an ``ExternalTensor`` pointing there, so the process holds only the
+tensors still being worked on; :func:`save_streamed` then appends what is left and writes the graph,
+whose protobuf only references the data. Input weights are read through memory maps that
+:func:`release` closes once a tensor is used, so their pages leave the process again.
 """
 
 from __future__ import annotations
@@ -497,6 +504,115 @@ def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
             raise OutputPathError(f"cannot move {destination} into place ({error.strerror or error})") from error
     logger.info("saved %s (%s)", destination, "with external data" if external else "single file")
     return written
+
+
+def release(value: ir.Value | None) -> None:
+    """Close the memory map behind ``value``'s external tensor (if any): the pages it touched stop
+    counting in the process; the tensor maps its file again if read later."""
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor):
+        release_tensor(tensor)
+
+
+def release_tensor(tensor: ir.ExternalTensor) -> None:
+    """``tensor.release()``; while a caller still holds an array view of the map, the map stays open
+    and closes when the last view is collected."""
+    try:
+        tensor.release()
+    except BufferError:
+        logger.debug("%s: memory map still in use; it closes with its last view", tensor.name)
+
+
+def release_all(model: ir.Model) -> None:
+    """:func:`release` every initializer of the main graph."""
+    for value in model.graph.initializers.values():
+        release(value)
+
+
+STREAM_ALIGNMENT = 4096
+STREAM_SIZE_THRESHOLD_BYTES = 1024  # smaller tensors stay inside the protobuf
+
+
+class ExternalDataSink:
+    """Appends final tensors to one external-data file (``folder/name``) as they are produced.
+
+    :meth:`spill` writes a value's tensor at the next 4096-aligned offset and replaces the value's
+    ``const_value`` by an ``ExternalTensor`` pointing there; the array is no longer referenced by the
+    model. The file only grows; tensors spilled and later dropped from the graph stay as dead bytes,
+    which callers avoid by spilling only final tensors."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = Path(folder)
+        self.name = name
+        self.path = self.folder / name
+        try:
+            self._handle = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        except OSError as error:
+            raise OutputPathError(f"cannot write {self.path} ({error.strerror or error})") from error
+        self.offset = 0
+        self.spilled = 0  # tensors written
+
+    def owns(self, tensor: object) -> bool:
+        return isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == self.path.resolve()
+
+    def spill(self, value: ir.Value) -> bool:
+        """Write ``value``'s tensor to the file (if it is large enough and not there yet)."""
+        tensor = value.const_value
+        if tensor is None or self.owns(tensor):
+            return False
+        if tensor.nbytes < STREAM_SIZE_THRESHOLD_BYTES:
+            if isinstance(tensor, ir.ExternalTensor):  # small, but stored beside the input: embed it
+                value.const_value = ir.Tensor(tensor.numpy().copy(), name=value.name)
+                release_tensor(tensor)
+            return False
+        padding = -self.offset % STREAM_ALIGNMENT
+        try:
+            if padding:
+                self._handle.write(b"\0" * padding)
+                self.offset += padding
+            start = self.offset
+            data = tensor.tobytes()
+            self._handle.write(data)
+        except OSError as error:
+            raise OutputPathError(f"cannot write {self.path} ({error.strerror or error})") from error
+        self.offset += len(data)
+        del data
+        release(value)
+        value.const_value = ir.ExternalTensor(self.name, offset=start, length=tensor.nbytes, dtype=tensor.dtype,
+                                              shape=tensor.shape, name=value.name, base_dir=self.folder)
+        self.spilled += 1
+        return True
+
+    def spill_new(self, graph: ir.Graph) -> int:
+        """Spill every initializer of ``graph`` that lives in memory (not memory-mapped from any file):
+        the tensors a pass just created."""
+        new = [v for v in graph.initializers.values()
+               if v.const_value is not None and not isinstance(v.const_value, (ir.ExternalTensor, ir.TensorProtoTensor))]
+        return sum(self.spill(value) for value in new)
+
+    def close(self) -> None:
+        try:
+            self._handle.close()
+        except OSError as error:
+            raise OutputPathError(f"cannot write {self.path} ({error.strerror or error})") from error
+
+
+def save_streamed(model: ir.Model, path: Path, sink: ExternalDataSink) -> Path:
+    """Write ``model`` to ``path`` (in ``sink``'s folder) with every large initializer in ``sink``'s
+    file: those not yet spilled (float weights still read from the input, in-memory tensors) are
+    appended one at a time, so memory holds one tensor; the protobuf holds only references."""
+    if Path(path).parent.resolve() != sink.folder.resolve():
+        raise OutputPathError(f"{path}: a streamed model is saved beside its data file {sink.path}")
+    for value in list(model.graph.initializers.values()):
+        sink.spill(value)
+    sink.close()
+    proto = ir.serde.serialize_model(model)
+    try:
+        Path(path).write_bytes(proto.SerializeToString())
+    except OSError as error:
+        raise OutputPathError(f"cannot write {path} ({error.strerror or error})") from error
+    logger.info("saved %s with %d tensors (%.2f GB) streamed into %s", path, sink.spilled, sink.offset / 1e9, sink.name)
+    return Path(path)
 
 
 def save_verified(model: ir.Model, path: str | os.PathLike, verify: Callable[[Path], object]) -> list[Path]:

@@ -37,7 +37,7 @@ from graphq.calibrate import calibration_windows, collect_statistics, window_fra
 from graphq.config import W8A8Recipe, recipe_to_dict
 from graphq.errors import GraphqError, InvalidModelError, OutputPathError, VerificationError
 from graphq.evaluate import load_tokenizer
-from graphq.modelio import check_output_path, load_model, resolve_model_file, save_model, staging_dir
+from graphq.modelio import check_output_path, load_model, release, resolve_model_file, save_model, staging_dir
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.cuberoot_qdq import CubeRootQdqPass
 from graphq.passes.dedupe_initializers import DeduplicateInitializersPass
@@ -126,6 +126,9 @@ def check_finite_weights(model: ir.Model, source: Path) -> None:
             continue
         if weight is not None and np.issubdtype(weight.dtype, np.floating) and not np.isfinite(weight).all():
             broken.append(node.name)
+        del weight
+        for value in node.inputs:  # memory-mapped weights: read one at a time, not all held
+            release(value)
     if broken:
         more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
         raise InvalidModelError(
@@ -234,12 +237,16 @@ def resolve_quantize_paths(model: str | os.PathLike, output: str | os.PathLike, 
 
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: W8A8Recipe, *,
                    tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
-                   statistics: dict | None = None) -> QuantizeResult:
+                   statistics: dict | None = None, streamed: bool | None = None) -> QuantizeResult:
     """Quantize ``model`` (.onnx) with ``recipe`` and write the verified result to ``output`` (.onnx).
 
     ``statistics``: RunningStats of the float graph's planned MatMul inputs, already collected on the
     recipe's calibration windows (benchmarks reuse one calibration across recipes); used in place of
-    the first calibration pass."""
+    the first calibration pass. ``streamed`` (default: for models above
+    :data:`graphq.streaming.STREAM_THRESHOLD_BYTES`) runs block by block in bounded memory
+    (:func:`graphq.streaming.quantize_w8a8_streamed`)."""
+    from graphq.streaming import quantize_w8a8_streamed, should_stream
+
     if not isinstance(recipe, W8A8Recipe):
         raise GraphqError(f"recipe '{getattr(recipe, 'name', recipe)}' is not a W8A8 recipe; "
                           "weight-only recipes run through graphq.weight_only.quantize_weights")
@@ -258,6 +265,23 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     tokenizer = load_tokenizer(source, tokenizer_dir)
     windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
     check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
+    if streamed if streamed is not None else should_stream(graph):
+        if recipe.peg is not None or recipe.grid != "uniform" or recipe.weight_clip.method != "none":
+            raise GraphqError(f"recipe '{recipe.name}': PEG groups, the cube-root grid and weight clipping are not "
+                              "available in the layer-streamed W8A8 path (models above the streaming threshold)")
+        with staging_dir(output) as staging:
+            signature = signature_of_model(graph)
+            smoothing, integer = quantize_w8a8_streamed(graph, source, staging / output.name, recipe, plan, kept_names,
+                                                        windows, progress=progress)
+            del graph
+            stage_side_files(source, output, staging, signature)
+            try:
+                for item in sorted(staging.iterdir()):
+                    os.replace(item, output.parent / item.name)
+            except OSError as error:
+                raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
+        return QuantizeResult(model_path=output, recipe=recipe, plan=plan, smoothing=smoothing, integer_kernels=integer,
+                              kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start)
     calib = recipe.calibration
     static = recipe.activations.activation_scheme == "static"
     smoothing: dict[str, str] = {}

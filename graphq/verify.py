@@ -36,11 +36,13 @@ def cpu_session(
     threads: int = 0,
     optimization: str = "all",
     free_dimensions: Mapping[str, int] | None = None,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     """An ONNX Runtime CPU session with a fixed number of intra-op threads (0: ORT's default).
 
     ``free_dimensions`` pins symbolic input dimensions by name (ORT's free-dimension overrides), e.g. a
-    KV-cache head size that a graph declares only as a symbol."""
+    KV-cache head size that a graph declares only as a symbol. ``prepack=False`` turns off ORT's
+    weight prepacking."""
     options = ort.SessionOptions()
     for name, size in (free_dimensions or {}).items():
         options.add_free_dimension_override_by_name(name, size)
@@ -52,6 +54,8 @@ def cpu_session(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     options.log_severity_level = 4  # errors surface as exceptions; ORT's log would add stderr lines
+    if not prepack:  # kernels read the stored weights instead of a repacked copy (less memory)
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -43,7 +43,7 @@ from graphq.blockwise import StagedCalibration, partition
 from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics, window_framing
 from graphq.errors import GraphqError, OutputPathError
 from graphq.evaluate import load_tokenizer
-from graphq.modelio import load_model, save_model, staging_dir
+from graphq.modelio import ExternalDataSink, load_model, release, release_all, save_model, save_streamed, staging_dir
 from graphq.numerics.companding import CubeRootWeight, check_cuberoot_config, quantize_cuberoot
 from graphq.numerics.weight_only import (
     QuantizedWeight,
@@ -57,7 +57,7 @@ from graphq.numerics.weight_only import (
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.cuberoot_emit import CUBEROOT_FORMS, CubeRootEmissionPass
 from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass, embedding_group, embedding_lookups
-from graphq.passes.qdq_insert import constant_weight
+from graphq.passes.qdq_insert import constant_weight, has_constant_weight
 from graphq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass, own_constant
 from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
 from graphq.runtime import check_token_ids, embedding_rows, signature_of_model
@@ -216,7 +216,7 @@ def _plan(model: ir.Model, recipe: WeightOnlyRecipe) -> tuple[list[ir.Node], lis
     for node in model.graph:
         if node.op_type != "MatMul" or node.domain != "":
             continue
-        if constant_weight(node) is None or any(p.search(node.name) for p in patterns):
+        if not has_constant_weight(node) or any(p.search(node.name) for p in patterns):
             kept.append(node.name)
         else:
             planned.append(node)
@@ -292,107 +292,163 @@ def write_fake_quantized(node: ir.Node, quantized: QuantizedWeight) -> None:
     if own_constant(node.inputs[1], 2) is None:
         logger.debug("weight-only: %s reads a shared or transposed weight; later stages see it in float", node.name)
         return
-    dequantized = quantized.dequantize().astype(np.float32)
+    dtype = node.inputs[1].const_value.dtype.numpy()  # float16 models keep float16 weights
+    release(node.inputs[1])
+    dequantized = quantized.dequantize().astype(dtype)
     node.inputs[1].const_value = ir.tensor(dequantized, name=node.inputs[1].name)
 
 
+def _emit(graph: ir.Model, batch: dict[str, QuantizedWeight], recipe: WeightOnlyRecipe) -> None:
+    """Emit ``batch`` into ``graph``: cube-root weights as codebook/dq-cube, the others (a tied head
+    shared with the embedding stays uniform) as MatMulNBits or blockwise QDQ."""
+    cube = {name: q for name, q in batch.items() if isinstance(q, CubeRootWeight)}
+    uniform = {name: q for name, q in batch.items() if name not in cube}
+    if cube:
+        CubeRootEmissionPass(cube, recipe.emit.format)(graph)
+    if uniform:
+        emit_config = recipe.emit if recipe.grid == "uniform" else dataclasses.replace(recipe.emit, format="matmulnbits")
+        WeightOnlyEmissionPass(uniform, emit_config)(graph)
+
+
 def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe: WeightOnlyRecipe, *,
-                     tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True) -> WeightOnlyResult:
-    """Weight-only quantization of ``model`` (.onnx) into ``output`` (.onnx), verified before it is written."""
+                     tokenizer_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
+                     streamed: bool | None = None) -> WeightOnlyResult:
+    """Weight-only quantization of ``model`` (.onnx) into ``output`` (.onnx), verified before it is written.
+
+    ``streamed`` (default: when the initializers exceed :data:`graphq.streaming.STREAM_THRESHOLD_BYTES`)
+    emits each block's quantized weights as soon as they are final and writes them to the output's
+    external data (:class:`graphq.modelio.ExternalDataSink`), so memory holds about one block of
+    weights; the output is the same graph with the same tensors as without it."""
     # graphq.quantize imports the recipes, which import this module
     from graphq.quantize import check_finite_weights, resolve_quantize_paths, stage_side_files
+    from graphq.streaming import should_stream, verify_streamed
 
     start = time.perf_counter()
     source, output = resolve_quantize_paths(model, output, overwrite=overwrite)
     graph = load_model(source)
+    streamed = should_stream(graph) if streamed is None else streamed
     check_finite_weights(graph, source)
     planned, kept = _plan(graph, recipe)
+    release_all(graph)
     if not planned:
         raise GraphqError(f"{source}: no MatMul with a constant weight to quantize")
     non_constant = [name for name in kept if not any(re.search(p, name) for p in recipe.float_nodes)]
     if non_constant:
         logger.info("weight-only: %d MatMuls have no constant weight and stay float (e.g. %s)", len(non_constant), non_constant[0])
     tied = _tied_heads(graph, planned, recipe)
-    quantized: dict[str, QuantizedWeight] = {name: quantize_rtn(constant_weight(node), tied[name][1])
-                                             for name, node in ((n.name, n) for n in planned) if name in tied}
-    if tied:
-        logger.info("weight-only: %s shares its codes with the embedding lookup (RTN, group %d)",
-                    ", ".join(tied), next(iter(tied.values()))[1].group_size)
-    if recipe.method == "rtn":
-        rounding = quantize_cuberoot if recipe.grid == "cuberoot" else quantize_rtn
-        for node in (n for n in planned if n.name not in tied):
-            quantized[node.name] = rounding(constant_weight(node), recipe.weights, pad=recipe.pad_groups)
-    else:
-        tokenizer = load_tokenizer(source, tokenizer_dir)
-        windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
-        check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
-        stages = partition(graph) if recipe.sequential else None
-        if stages is None:
-            if recipe.sequential:
-                logger.warning("weight-only %s: the graph cannot be cut into blocks; calibrating on the float model", recipe.name)
-            inputs = list(dict.fromkeys(node.inputs[0].name for node in planned))
-            stats = collect_statistics(source, inputs, windows, threads=recipe.calibration.threads, progress=progress,
-                                       make_accumulator=HessianAccumulator)
-            quantized.update(_quantize_with_statistics(graph, [n for n in planned if n.name not in tied], stats, recipe))
-        else:
-            planned_names = {node.name for node in planned}
-            runner = StagedCalibration(graph, stages, windows, threads=recipe.calibration.threads, progress=progress)
-            for stage in runner.stages():
-                nodes = [node for node in stage.nodes if node.name in planned_names and node.name not in tied]
-                if nodes:
-                    stats = runner.calibrate(stage, [node.inputs[0].name for node in nodes], HessianAccumulator)
-                    stage_quantized = _quantize_with_statistics(graph, nodes, stats, recipe)
-                    quantized.update(stage_quantized)
-                    if stage.outputs:
-                        for node in nodes:
-                            write_fake_quantized(node, stage_quantized[node.name])
-                runner.advance(stage)
-    quantized = {node.name: quantized[node.name] for node in planned}  # graph order, whatever the method
-    weights = sum(int(np.prod(q.shape)) for q in quantized.values())
-    cube = {name: q for name, q in quantized.items() if isinstance(q, CubeRootWeight)}
-    uniform = {name: q for name, q in quantized.items() if name not in cube}
-    if cube:  # a tied head shared with the embedding stays uniform MatMulNBits
-        graph = CubeRootEmissionPass(cube, recipe.emit.format)(graph).model
-    if uniform:
-        emit_config = recipe.emit if recipe.grid == "uniform" else dataclasses.replace(recipe.emit, format="matmulnbits")
-        graph = WeightOnlyEmissionPass(uniform, emit_config)(graph).model
-    embedded, embedded_bits = 0, 0.0
-    if recipe.embedding == "quantized":
-        if recipe.emit.format != "qdq":
-            tables = {g.name: g.inputs[0].const_value.shape for g in embedding_lookups(graph)}
-            shared = {table: f"{name}_Q{config.bits}" for name, (table, config) in tied.items()}
-            lookup = EmbeddingQuantizationPass(EmbeddingQuantConfig(recipe.embedding_config), shared=shared)
-            graph = lookup(graph).model
-            for gather, how in lookup.rewritten.items():
-                if how == "own":
-                    vocab, dim = tables[gather]
-                    embedded += vocab * dim
-                    embedded_bits += vocab * dim * bits_per_weight(recipe.embedding_config, embedding_group(dim, recipe.weights.group_size))
-        else:
-            logger.info("weight-only: embeddings stay float with the %s format", recipe.emit.format)
-    graph = CleanupPass()(graph).model
-    float_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
-                      if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-                      and not v.name.endswith(".scales"))
-    from graphq.config import recipe_to_dict
-    import json
-
-    graph.metadata_props["graphq.recipe"] = json.dumps(recipe_to_dict(recipe), default=str)
+    planned_names = [node.name for node in planned]
     with staging_dir(output) as staging:
+        sink = ExternalDataSink(staging, output.name + ".data") if streamed else None
+        summary: dict[str, tuple[int, float]] = {}  # node -> (weights, bits of the size bound)
+        quantized: dict[str, QuantizedWeight] = {}
+
+        def done(batch: dict[str, QuantizedWeight]) -> None:
+            """Record ``batch``; streamed: emit it now and move its tensors to the output file."""
+            for name, q in batch.items():
+                summary[name] = (int(np.prod(q.shape)), int(np.prod(q.shape)) * bits_per_weight(q.config, q.group_length))
+            if sink is None:
+                quantized.update(batch)
+                return
+            _emit(graph, batch, recipe)
+            sink.spill_new(graph.graph)
+
+        if recipe.method != "rtn":
+            tokenizer = load_tokenizer(source, tokenizer_dir)
+            windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
+            check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
+        if tied:
+            logger.info("weight-only: %s shares its codes with the embedding lookup (RTN, group %d)",
+                        ", ".join(tied), next(iter(tied.values()))[1].group_size)
+            tied_quantized = {name: quantize_rtn(constant_weight(node), tied[name][1]) for node in planned
+                              if (name := node.name) in tied}
+        if recipe.method == "rtn":
+            rounding = quantize_cuberoot if recipe.grid == "cuberoot" else quantize_rtn
+            for node in (n for n in planned if n.name not in tied):
+                q = rounding(constant_weight(node), recipe.weights, pad=recipe.pad_groups)
+                release(node.inputs[1])
+                done({node.name: q})
+                del q
+        else:
+            stages = partition(graph) if recipe.sequential else None
+            if stages is None:
+                if recipe.sequential:
+                    logger.warning("weight-only %s: the graph cannot be cut into blocks; calibrating on the float model", recipe.name)
+                if streamed:
+                    raise GraphqError(f"{source}: streamed {recipe.method} calibrates block by block, but the graph "
+                                      "cannot be cut into blocks (or the recipe is not sequential)")
+                inputs = list(dict.fromkeys(node.inputs[0].name for node in planned))
+                stats = collect_statistics(source, inputs, windows, threads=recipe.calibration.threads, progress=progress,
+                                           make_accumulator=HessianAccumulator)
+                done(_quantize_with_statistics(graph, [n for n in planned if n.name not in tied], stats, recipe))
+            else:
+                runner = StagedCalibration(graph, stages, windows, threads=recipe.calibration.threads, progress=progress)
+                for stage in runner.stages():
+                    nodes = [node for node in stage.nodes if node.name in set(planned_names) and node.name not in tied]
+                    stage_quantized = {}
+                    if nodes:
+                        stats = runner.calibrate(stage, [node.inputs[0].name for node in nodes], HessianAccumulator)
+                        stage_quantized = _quantize_with_statistics(graph, nodes, stats, recipe)
+                        del stats
+                        if stage.outputs:
+                            for node in nodes:
+                                write_fake_quantized(node, stage_quantized[node.name])
+                    runner.advance(stage)
+                    for node in stage.nodes:
+                        for value in node.inputs:
+                            release(value)
+                    if stage_quantized:
+                        done(stage_quantized)
+                    del stage_quantized
+        if tied:
+            done(tied_quantized)
+            del tied_quantized
+        weights = sum(summary[name][0] for name in planned_names)
+        if sink is None:
+            quantized = {name: quantized[name] for name in planned_names}  # graph order, whatever the method
+            _emit(graph, quantized, recipe)
+            del quantized
+        embedded, embedded_bits = 0, 0.0
+        if recipe.embedding == "quantized":
+            if recipe.emit.format != "qdq":
+                tables = {g.name: g.inputs[0].const_value.shape for g in embedding_lookups(graph)}
+                shared = {table: f"{name}_Q{config.bits}" for name, (table, config) in tied.items()}
+                lookup = EmbeddingQuantizationPass(EmbeddingQuantConfig(recipe.embedding_config), shared=shared)
+                graph = lookup(graph).model
+                for gather, how in lookup.rewritten.items():
+                    if how == "own":
+                        vocab, dim = tables[gather]
+                        embedded += vocab * dim
+                        embedded_bits += vocab * dim * bits_per_weight(recipe.embedding_config, embedding_group(dim, recipe.weights.group_size))
+            else:
+                logger.info("weight-only: embeddings stay float with the %s format", recipe.emit.format)
+        graph = CleanupPass()(graph).model
+        float_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
+                          if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+                          and not v.name.endswith(".scales"))
+        from graphq.config import recipe_to_dict
+        import json
+
+        graph.metadata_props["graphq.recipe"] = json.dumps(recipe_to_dict(recipe), default=str)
         staged = staging / output.name
-        save_model(graph, staged)
-        verify_model_file(staged)
+        signature = signature_of_model(graph)
+        if sink is None:
+            save_model(graph, staged)
+            verify_model_file(staged)
+        else:
+            save_streamed(graph, staged, sink)
+            del graph
+            verify_streamed(staged)
         file_bytes = sum(p.stat().st_size for p in staging.iterdir())
-        stage_side_files(source, output, staging, signature_of_model(graph))
+        stage_side_files(source, output, staging, signature)
         try:
             for item in sorted(staging.iterdir()):
                 os.replace(item, output.parent / item.name)
         except OSError as error:
             raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
-    result = WeightOnlyResult(model_path=output, recipe=recipe, quantized_nodes=tuple(quantized), float_nodes=tuple(kept),
+    result = WeightOnlyResult(model_path=output, recipe=recipe, quantized_nodes=tuple(planned_names), float_nodes=tuple(kept),
                               quantized_weights=weights + embedded,
-                              weight_bits=embedded_bits + sum(int(np.prod(q.shape)) * bits_per_weight(q.config, q.group_length)
-                                                              for q in quantized.values()), float_bytes=float_bytes, file_bytes=file_bytes,
-                              seconds=time.perf_counter() - start)
-    logger.info("weight-only %s: %d MatMuls in %.1fs, %s", recipe.name, len(quantized), result.seconds, result.size_breakdown())
+                              weight_bits=embedded_bits + sum(summary[name][1] for name in planned_names),
+                              float_bytes=float_bytes, file_bytes=file_bytes, seconds=time.perf_counter() - start)
+    logger.info("weight-only %s: %d MatMuls in %.1fs%s, %s", recipe.name, len(planned_names), result.seconds,
+                " (streamed)" if streamed else "", result.size_breakdown())
     return result

@@ -104,7 +104,7 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
                              domain="com.microsoft", name=f"{gather.name}_Q{attributes['bits']}")
             graph.insert_before(gather, lookup)
             output, result = gather.outputs[0], lookup.outputs[0]
-            result.dtype, result.shape = output.dtype or ir.DataType.FLOAT, output.shape
+            result.dtype, result.shape = output.dtype or data.const_value.dtype, output.shape
             output.replace_all_uses_with(result, replace_graph_outputs=True)
             graph.remove(gather, safe=True)
             name = output.name
@@ -145,7 +145,7 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
         packed = pack_matmul_nbits(quantized)
         stem = gather.name.strip("/").replace("/", "_")
         inputs = [new_initializer(graph, f"{stem}.qweight", packed["B"].reshape(vocab, -1)),
-                  new_initializer(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1))]
+                  new_initializer(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1).astype(table.dtype))]
         if packed["zero_points"] is not None:
             inputs.append(new_initializer(graph, f"{stem}.zero_points", packed["zero_points"].reshape(vocab, -1)))
         return inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": cfg.bits}

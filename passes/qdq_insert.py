@@ -18,6 +18,7 @@ Activations ``x`` (shared by every planned MatMul that reads them) follow one of
 
 A node listed in ``weight_abs_max`` uses those per-column ranges ``c_n`` instead of ``max |W[:, n]|``
 (``s_n = c_n / 127``, values beyond ``c_n`` saturate: clipped weights, graphq.numerics.clipping).
+Float16 graphs (weights float16) get float16 constants, rescaling and output in the dynamic scheme.
 
 A plan maps node names to ``"int8"`` or ``"float"``; nodes absent from it stay float. A planned
 node must be a MatMul with a constant 2-D weight and must not be kept in float by policy.
@@ -65,28 +66,42 @@ class QdqConfig:
             raise GraphqError("the tensorrt target needs static activations (TensorRT consumes only QDQ)")
 
 
-def constant_weight(node: ir.Node) -> np.ndarray | None:
-    """W of ``MatMul(x, W)`` when W is a 2-D constant, or the transpose of one; else None."""
+def _weight_tensor(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
+    """(tensor, transposed) of ``MatMul(x, W)`` when W is a 2-D constant or the transpose of one; reads
+    shapes only, no tensor data."""
     if node.op_type != "MatMul" or node.domain != "" or len(node.inputs) != 2:
         return None
     value = node.inputs[1]
     if value is None or value.is_graph_input():
         return None
     if value.const_value is not None:
-        array = value.const_value.numpy()
-        return array if array.ndim == 2 else None
+        return (value.const_value, False) if len(value.const_value.shape) == 2 else None
     producer = value.producer()
     if producer is not None and producer.op_type == "Transpose":
         source = producer.inputs[0]
         perm = producer.attributes.get_ints("perm", [1, 0])
         if source.const_value is not None and not source.is_graph_input() and len(source.const_value.shape) == 2 and list(perm) == [1, 0]:
-            return source.const_value.numpy().T
+            return source.const_value, True
     return None
+
+
+def has_constant_weight(node: ir.Node) -> bool:
+    """Whether :func:`constant_weight` would return an array (without reading any weight data)."""
+    return _weight_tensor(node) is not None
+
+
+def constant_weight(node: ir.Node) -> np.ndarray | None:
+    """W of ``MatMul(x, W)`` when W is a 2-D constant, or the transpose of one; else None."""
+    found = _weight_tensor(node)
+    if found is None:
+        return None
+    tensor, transposed = found
+    return tensor.numpy().T if transposed else tensor.numpy()
 
 
 def quantizable_matmuls(model: ir.Model) -> list[ir.Node]:
     """MatMuls of the main graph whose second input is a constant 2-D weight (or its transpose)."""
-    return [node for node in model.graph if constant_weight(node) is not None]
+    return [node for node in model.graph if has_constant_weight(node)]
 
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -143,6 +158,8 @@ class QdqInsertionPass(ir.passes.InPlacePass):
                 weight_q = quantize_symmetric(weight, weight_scale[None, :])
             else:
                 weight_q, weight_scale = per_column_weight_quantization(weight)
+            self._float = np.float16 if weight.dtype == np.float16 else np.float32
+            del weight
             stem = node.name.strip("/").replace("/", "_")
             wq = new_initializer(graph, f"{stem}.weight_int8", weight_q)
             ws = new_initializer(graph, f"{stem}.weight_scale", weight_scale)
@@ -180,14 +197,18 @@ class QdqInsertionPass(ir.passes.InPlacePass):
 
     def _dynamic_token(self, graph, node, x, wq, ws, quantized_inputs, opset) -> None:
         if x.name not in quantized_inputs:
-            nodes, xq, x_scale = self._token_quantizer(graph, x, opset)
+            nodes, xq, x_scale = self._token_quantizer(graph, x, opset, self._float)
             graph.insert_before(node, nodes)
             quantized_inputs[x.name] = (xq, x_scale)
         xq, x_scale = quantized_inputs[x.name]
         stem = wq.name.removesuffix(".weight_int8")
         a_zero = new_initializer(graph, f"{stem}.act_zero_point", np.array(128, dtype=np.uint8))
         matmul = ir.node("MatMulInteger", [xq, wq, a_zero], name=f"{stem}/MatMulInteger")
-        to_float = ir.node("Cast", [matmul.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{stem}/Cast")
+        float_type = ir.DataType.FLOAT16 if self._float == np.float16 else ir.DataType.FLOAT
+        if float_type != ir.DataType.FLOAT:  # the graph computes in float16: so do the rescaling Muls
+            ws.const_value = ir.tensor(ws.const_value.numpy().astype(self._float), name=ws.name)
+            ws.dtype = float_type
+        to_float = ir.node("Cast", [matmul.outputs[0]], attributes={"to": float_type}, name=f"{stem}/Cast")
         scale_rows = ir.node("Mul", [to_float.outputs[0], x_scale], name=f"{stem}/token_scale")
         scale_cols = ir.node("Mul", [scale_rows.outputs[0], ws], name=f"{stem}/weight_scale_mul")
         for index, new in enumerate((matmul, to_float, scale_rows, scale_cols)):
@@ -195,7 +216,7 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         graph.insert_before(node, [matmul, to_float, scale_rows, scale_cols])
         output = node.outputs[0]
         result = scale_cols.outputs[0]
-        result.dtype = output.dtype or ir.DataType.FLOAT
+        result.dtype = output.dtype or float_type
         result.shape = output.shape
         old_weight = node.inputs[1]
         output.replace_all_uses_with(result, replace_graph_outputs=True)
@@ -207,11 +228,12 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         self._drop_if_unused(graph, old_weight)
 
     @staticmethod
-    def _token_quantizer(graph, x, opset):
+    def _token_quantizer(graph, x, opset, float_dtype=np.float32):
         name = x.name
-        c127 = new_initializer(graph, f"{name}/c127", np.array(127.0, dtype=np.float32))
-        c128 = new_initializer(graph, f"{name}/c128", np.array(128.0, dtype=np.float32))
-        eps = new_initializer(graph, f"{name}/min_scale", np.array(MIN_TOKEN_SCALE, dtype=np.float32))
+        c127 = new_initializer(graph, f"{name}/c127", np.array(127.0, dtype=float_dtype))
+        c128 = new_initializer(graph, f"{name}/c128", np.array(128.0, dtype=float_dtype))
+        min_scale = max(MIN_TOKEN_SCALE, float(np.finfo(float_dtype).smallest_subnormal))  # 1e-8 is 0 in float16
+        eps = new_initializer(graph, f"{name}/min_scale", np.array(min_scale, dtype=float_dtype))
         absolute = ir.node("Abs", [x], name=f"{name}/token_abs")
         if opset >= 18:
             axes = new_initializer(graph, f"{name}/last_axis", np.array([-1], dtype=np.int64))

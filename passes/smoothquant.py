@@ -36,6 +36,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from graphq.modelio import release
 from graphq.numerics.smoothing import smoothing_scales
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,10 @@ def matmul_weight_consumers(activation: ir.Value, *, exclusive: bool = True) -> 
 
 
 def _set_constant(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(np.require(array, requirements="C"), name=value.name)
+    """Replace ``value``'s constant, keeping its float type (float16 models stay float16)."""
+    dtype = value.const_value.dtype.numpy() if value.const_value is not None else array.dtype
+    release(value)  # a memory-mapped input weight: close its map now, not at garbage collection
+    value.const_value = ir.tensor(np.require(array.astype(dtype, copy=False), requirements="C"), name=value.name)
 
 
 def private_constant(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value | None:
@@ -206,7 +210,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if not self.config.explicit_mul:
             logger.info("smoothquant: %s has no foldable producer; skipped", activation.name)
             return None
-        inverse = ir.Value(name=f"{activation.name}/smooth_inverse", const_value=ir.tensor((1.0 / scales).astype(np.float32)))
+        float_dtype = np.float16 if any(constant_of(n.inputs[1]).dtype == np.float16 for n in consumers) else np.float32
+        inverse = ir.Value(name=f"{activation.name}/smooth_inverse", const_value=ir.tensor((1.0 / scales).astype(float_dtype)))
         graph.register_initializer(inverse)
         mul = ir.node("Mul", [activation, inverse], name=f"{activation.name}/smooth_mul")
         smoothed = mul.outputs[0]

@@ -14,7 +14,9 @@ dimension. Two output forms, chosen by :class:`WeightOnlyEmitConfig`:
   consumes. The model's default-domain opset is raised to 21 where it is lower.
 
 Weights that are the transpose of a constant (a tied LM head) are handled like plain constants;
-the source constant stays for its other users (the embedding ``Gather``).
+the source constant stays for its other users (the embedding ``Gather``). Scales take the float
+type of the weight they replace (float16 models get float16 scales: ``MatMulNBits`` and
+``DequantizeLinear`` tie the scale type to the activation / output type).
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ class WeightOnlyEmitConfig:
             raise GraphqError(f"emit format must be one of {EMIT_FORMATS}, got '{self.format}'")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise GraphqError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
+
+
+def weight_float_type(node: ir.Node) -> ir.DataType:
+    """The float type of ``node``'s constant weight (or of the constant it transposes); FLOAT if unknown."""
+    value = node.inputs[1]
+    producer = value.producer() if value is not None else None
+    if value is not None and value.const_value is None and producer is not None and producer.op_type == "Transpose":
+        value = producer.inputs[0]
+    dtype = value.const_value.dtype if value is not None and value.const_value is not None else None
+    return dtype if dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else ir.DataType.FLOAT
 
 
 def _drop_unused_weight(graph: ir.Graph, value: ir.Value) -> None:
@@ -101,8 +113,9 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
     def _matmul_nbits(self, graph: ir.Graph, node: ir.Node, qw: QuantizedWeight) -> None:
         packed = pack_matmul_nbits(qw)
         stem = node.name.strip("/").replace("/", "_")
+        float_type = weight_float_type(node)
         inputs = [node.inputs[0], new_initializer(graph, f"{stem}.qweight", packed["B"]),
-                  new_initializer(graph, f"{stem}.scales", packed["scales"])]
+                  new_initializer(graph, f"{stem}.scales", packed["scales"].astype(float_type.numpy()))]
         if packed["zero_points"] is not None:
             inputs.append(new_initializer(graph, f"{stem}.zero_points", packed["zero_points"]))
         attributes = {"K": packed["K"], "N": packed["N"], "bits": packed["bits"], "block_size": packed["block_size"]}
@@ -111,7 +124,7 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         fused = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=f"{node.name}_Q{qw.config.bits}")
         graph.insert_before(node, fused)
         output, result = node.outputs[0], fused.outputs[0]
-        result.dtype, result.shape = output.dtype or ir.DataType.FLOAT, output.shape
+        result.dtype, result.shape = output.dtype or float_type, output.shape
         old_weight = node.inputs[1]
         output.replace_all_uses_with(result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
@@ -128,7 +141,7 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
             raise GraphqError(f"blockwise DequantizeLinear needs groups that divide K={k}, got {qw.group_length}")
         stem = node.name.strip("/").replace("/", "_")
         codes = new_initializer(graph, f"{stem}.qweight", qw.q.astype(_STORAGE[bits]))
-        scales = new_initializer(graph, f"{stem}.scales", qw.scales.astype(np.float32))
+        scales = new_initializer(graph, f"{stem}.scales", qw.scales.astype(weight_float_type(node).numpy()))
         zeros = new_initializer(graph, f"{stem}.zero_points", qw.zero_points.astype(_STORAGE[bits]))
         dq = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": 0, "block_size": qw.group_length},
                      name=f"{stem}/weight_DequantizeLinear")

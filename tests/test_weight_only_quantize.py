@@ -4,7 +4,6 @@ and bad input."""
 import dataclasses
 import json
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest

@@ -258,9 +258,40 @@ def quantize_with_params(weight: np.ndarray, scales: np.ndarray, zero_points: np
     return QuantizedWeight(q, scales, zero_points, config)
 
 
+# Weights with more elements than this are quantized in column chunks: every column is quantized on
+# its own (groups run along K), so the result is the same, and the float64 temporaries (about six
+# copies of the weight) stay at a few hundred MB even for a 7B model's [4096, 32000] LM head.
+RTN_CHUNK_ELEMENTS = 1 << 25
+# GPTQ factors H once per chunk (O(K^3)), so it splits only the widest weights.
+GPTQ_CHUNK_ELEMENTS = 1 << 26
+
+
+def by_column_chunks(quantize, weight: np.ndarray, max_elements: int, clip_ratio: float | np.ndarray = 1.0,
+                     **kwargs) -> QuantizedWeight:
+    """``quantize(weight[:, cols], clip_ratio=...[:, cols], **kwargs)`` over column chunks of at most
+    ``max_elements`` elements, joined; ``quantize`` must treat columns independently."""
+    if np.ndim(weight) != 2:  # let ``quantize`` refuse it
+        return quantize(weight, clip_ratio=clip_ratio, **kwargs)
+    k, n = np.shape(weight)
+    width = max(1, max_elements // max(k, 1))
+    if width >= n:
+        return quantize(weight, clip_ratio=clip_ratio, **kwargs)
+    ratio = np.asarray(clip_ratio)
+    parts = [quantize(weight[:, start:start + width], clip_ratio=ratio[:, start:start + width] if ratio.ndim else clip_ratio,
+                      **kwargs) for start in range(0, n, width)]
+    return QuantizedWeight(np.concatenate([p.q for p in parts], axis=1), np.concatenate([p.scales for p in parts], axis=1),
+                           np.concatenate([p.zero_points for p in parts], axis=1), parts[0].config)
+
+
 def quantize_rtn(weight: np.ndarray, config: WeightQuantConfig, *, clip_ratio: float | np.ndarray = 1.0,
                  pad: bool = False) -> QuantizedWeight:
-    """Round to nearest, each group's range shrunk by ``clip_ratio`` (a scalar or ``[n_groups, N]``)."""
+    """Round to nearest, each group's range shrunk by ``clip_ratio`` (a scalar or ``[n_groups, N]``);
+    in column chunks of :data:`RTN_CHUNK_ELEMENTS` (bounded memory, same result)."""
+    return by_column_chunks(_quantize_rtn, weight, RTN_CHUNK_ELEMENTS, clip_ratio, config=config, pad=pad)
+
+
+def _quantize_rtn(weight: np.ndarray, *, config: WeightQuantConfig, clip_ratio: float | np.ndarray = 1.0,
+                  pad: bool = False) -> QuantizedWeight:
     scales, zeros = group_params(weight, config, clip_ratio=clip_ratio, pad=pad)
     return quantize_with_params(weight, scales, zeros, config, pad=pad)
 
@@ -338,7 +369,15 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantCo
     """GPTQ of ``W [K, N]`` given ``H [K, K]`` (:func:`hessian_accumulate`); see the module docstring.
 
     ``clip_ratio`` (a scalar or ``[n_groups, N]``, e.g. from :func:`awq_clip_search`) shrinks each
-    group's range before its scale is taken, as in :func:`quantize_rtn`."""
+    group's range before its scale is taken, as in :func:`quantize_rtn`. Columns are independent
+    (the error feedback runs along K), so weights above :data:`GPTQ_CHUNK_ELEMENTS` go in column chunks."""
+    return by_column_chunks(_gptq_quantize, weight, GPTQ_CHUNK_ELEMENTS, clip_ratio, hessian=hessian, config=config,
+                            damp=damp, block_size=block_size, act_order=act_order, pad=pad)
+
+
+def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQuantConfig, damp: float = 0.01,
+                   block_size: int = 128, act_order: bool = False, pad: bool = False,
+                   clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
     w = _as_weight(weight)
     k, n = w.shape
     h = np.array(hessian, dtype=np.float64, copy=True)

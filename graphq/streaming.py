@@ -1,0 +1,152 @@
+"""Layer-streamed quantization: when a model is processed block by block, and how its output is
+verified without ever loading the float model.
+
+A streamed run holds at most one decoder block's float weights (memory-mapped from the input's
+external data and released once used) plus that block's quantized tensors until they are appended to
+the output's external-data file (:class:`graphq.modelio.ExternalDataSink`). With ``B`` the bytes of
+the largest block (or of the embedding / LM head, whichever is larger), peak memory is roughly
+``c * B + graph + calibration cache`` for a small constant ``c`` (float32 copies made by the
+quantizer and by ONNX Runtime's per-stage session), independent of the number of layers ``L``:
+time grows as ``L * t_block``.
+
+Verification of a streamed output reads the protobuf only (``onnx.checker.check_model`` by path:
+it never loads external data, so > 2 GB files are fine), then opens an ONNX Runtime session on the
+*quantized* file and runs one short input through it, checking that every output is finite.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphq.errors import VerificationError
+from graphq.modelio import initializer_bytes
+from graphq.runtime import GraphSignature, build_feeds
+from graphq.verify import VerificationReport, cpu_session
+
+logger = logging.getLogger(__name__)
+
+# Models whose initializers exceed this are quantized streamed unless told otherwise.
+STREAM_THRESHOLD_BYTES = 1 << 30
+VERIFY_TOKENS = 8
+INTEGER_OPS = frozenset({"MatMulInteger", "DequantizeLinear", "QuantizeLinear"})
+
+
+def should_stream(model: ir.Model) -> bool:
+    """Stream when the initializers exceed :data:`STREAM_THRESHOLD_BYTES` (metadata only: no data read)."""
+    return initializer_bytes(model) > STREAM_THRESHOLD_BYTES
+
+
+def verify_streamed(path: str | os.PathLike, *, tokens: int = VERIFY_TOKENS, threads: int = 0,
+                    prepack: bool = True) -> VerificationReport:
+    """``onnx.checker`` by path, an ORT CPU session on the file, and one forward pass over ``tokens``
+    token ids ``0 .. tokens-1`` whose outputs must all be finite.
+
+    ``prepack=False`` turns off ONNX Runtime's weight prepacking. Peak RSS of this check over the
+    output's file size, on 7B-shaped 2- and 4-layer outputs (``tools/bench_streamed.py
+    --verify-memory``): W4 MatMulNBits 1.2x with prepacking (2.3x without), W8A8 MatMulInteger 1.7x
+    with it and 1.16x without; so W8A8 verifies without prepacking."""
+    model_path = Path(path)
+    try:
+        onnx.checker.check_model(str(model_path))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise VerificationError(f"{model_path}: ONNX checker failed: {_first_line(error)}") from error
+    try:
+        session = cpu_session(model_path, threads=threads, prepack=prepack)
+        signature = GraphSignature.of(session)
+        outputs = session.run(None, build_feeds(signature, np.arange(tokens, dtype=np.int64)[None, :]))
+    except Exception as error:  # ORT raises its own exception types from C++
+        raise VerificationError(f"{model_path}: ONNX Runtime cannot run the model: {_first_line(error)}") from error
+    for name, array in zip(signature.output_names, outputs):
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise VerificationError(f"{model_path}: output '{name}' is not finite on a {tokens}-token input")
+    report = VerificationReport(path=model_path, checker_passed=True, ort_providers=tuple(session.get_providers()),
+                                input_names=signature.input_names, output_names=signature.output_names)
+    del session, outputs
+    logger.info("verified %s: onnx.checker ok, ORT session ran %d tokens", model_path, tokens)
+    return report
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def quantize_w8a8_streamed(graph: ir.Model, source: Path, staged: Path, recipe, plan: dict[str, str],
+                           kept_names: frozenset[str], windows: np.ndarray, *, progress: bool = True
+                           ) -> tuple[dict[str, str], dict[str, int]]:
+    """W8A8 of ``graph`` one stage at a time (:mod:`graphq.blockwise`), written to ``staged`` (a file in a
+    staging folder) with its external data, then verified; returns the SmoothQuant folds and the
+    integer op counts of the graph (ORT's optimised graph is not built: it would hold every weight).
+
+    Per stage: the channel ranges of its planned MatMul inputs on the *float* model's activations
+    (the cache advances with float weights, as one pass over the float model gives), then
+    SmoothQuant on those inputs, int8 weights and dynamic per-token activations, and the stage's new
+    tensors go to the output file. Static activations after SmoothQuant would need a second
+    calibration of the smoothed stage and are refused here."""
+    from graphq.blockwise import StagedCalibration, partition
+    from graphq.errors import GraphqError
+    from graphq.modelio import ExternalDataSink, release, save_streamed
+    from graphq.numerics.calibration import RunningStats
+    from graphq.passes.cleanup import CleanupPass
+    from graphq.passes.keep_float import keep_float_violations
+    from graphq.passes.qdq_insert import INT8, QdqInsertionPass
+    from graphq.passes.smoothquant import SmoothQuantPass
+
+    static = recipe.activations.activation_scheme == "static"
+    if static and recipe.smoothquant is not None:
+        raise GraphqError(f"streamed W8A8 ({recipe.name}): static activations after SmoothQuant are not supported "
+                          "yet; use dynamic-token activations or no SmoothQuant")
+    stages = partition(graph)
+    if stages is None:
+        raise GraphqError(f"{source}: streamed W8A8 runs block by block, but the graph cannot be cut into blocks")
+    calib = recipe.calibration
+    runner = StagedCalibration(graph, stages, windows, threads=calib.threads, progress=progress)
+    sink = ExternalDataSink(staged.parent, staged.name + ".data")
+    smoothing: dict[str, str] = {}
+    quantized = 0
+    for stage in runner.stages():
+        nodes = [node for node in stage.nodes if plan.get(node.name) == INT8]
+        names = list(dict.fromkeys(node.inputs[0].name for node in nodes))
+        stats = {}
+        if names and (recipe.smoothquant is not None or static):
+            stats = runner.calibrate(stage, names, lambda: RunningStats(calib.histogram_bins))
+        runner.advance(stage)
+        if nodes:
+            if recipe.smoothquant is not None:
+                smooth = SmoothQuantPass({n: s.channel_abs_max for n, s in stats.items()}, recipe.smoothquant)
+                smooth(graph)
+                smoothing.update(smooth.applied)
+            ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in stats.items()} if static else {}
+            qdq = QdqInsertionPass({node.name: INT8 for node in nodes}, recipe.activations, activation_abs_max=ranges,
+                                   kept_node_names=kept_names)
+            qdq(graph)
+            quantized += len(qdq.quantized)
+        for node in stage.nodes:
+            for value in node.inputs:
+                release(value)
+        sink.spill_new(graph.graph)
+        del stats
+    graph = CleanupPass()(graph).model
+    violations = keep_float_violations(n for n in graph.graph if n.name in kept_names)
+    if violations:
+        raise VerificationError(f"keep-float policy violated: {violations[0]} (and {len(violations) - 1} more)")
+    integer = dict(collections.Counter(node.op_type for node in graph.graph if node.op_type in INTEGER_OPS))
+    if not integer:
+        raise VerificationError("the streamed W8A8 graph has no integer MatMul")
+    import json
+
+    from graphq.config import recipe_to_dict
+
+    graph.metadata_props["graphq.recipe"] = json.dumps(recipe_to_dict(recipe), default=str)
+    save_streamed(graph, staged, sink)
+    del graph
+    verify_streamed(staged, prepack=False)
+    logger.info("streamed W8A8: %d MatMuls quantized, %d activations smoothed", quantized, len(smoothing))
+    return smoothing, integer
