@@ -118,7 +118,7 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default=None,
               help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w8a8-peg, w4-rtn, w4-gptq, "
-                   "w4-awq, w4-gptq-clip, w4-awq-gptq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, w4-cuberoot, "
+                   "w4-awq, w4-awq-gptq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, w4-cuberoot, "
                    "w8a8-cuberoot, mixed) or a .json/.yaml recipe file (default w8a8; none with --kv-cache/--attention alone).")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["int8"]), default=None,
               help="With-past graphs: the KV cache crosses the graph boundary as int8 + per-token scales.")

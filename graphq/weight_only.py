@@ -80,8 +80,9 @@ class GptqConfig:
     # output error tr(D^T H D / 2) a further 1.2-4.3x below GPTQ in row order (down_proj 1.88 -> 0.44).
     act_order: bool = True
     # Before GPTQ: per-group clip ratios from the AWQ clip search on the Hessian (each group's own
-    # output error under RTN), applied to the group scales GPTQ then uses.
-    clip_search: bool = False
+    # output error under RTN), applied to the group scales GPTQ then uses. SmolLM2-135M g128, 40
+    # windows: ppl 37.145 -> 34.549 (1.293x -> 1.202x float).
+    clip_search: bool = True
     # Before GPTQ: AWQ's per-input-channel scale search, folded into the producer as for w4-awq.
     awq_scales: bool = False
 
