@@ -95,7 +95,8 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
     "w4-rtn": WeightOnlyRecipe(name="w4-rtn", method="rtn"),
     "w4-gptq": WeightOnlyRecipe(name="w4-gptq", method="gptq"),
     "w4-awq": WeightOnlyRecipe(name="w4-awq", method="awq"),
-    # AWQ's scale search folded in, then GPTQ with clip search (not measured on the real model yet).
+    # AWQ's scale search folded in, then GPTQ with clip search: the most accurate W4 g128 measured on
+    # SmolLM2-135M (40 windows: 33.830 = 1.177x float vs w4-gptq 34.549, w4-awq 35.885; 8 min, 2.4 GB).
     "w4-awq-gptq": WeightOnlyRecipe(name="w4-awq-gptq", method="gptq", gptq=GptqConfig(awq_scales=True)),
     "w4-rtn-g32-asym": WeightOnlyRecipe(name="w4-rtn-g32-asym", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
     "w4-gptq-g32-asym": WeightOnlyRecipe(name="w4-gptq-g32-asym", method="gptq",
