@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from graphq.passes.qdq_insert import new_initializer
 from graphq.passes.weight_only_emit import BLOCKWISE_DQ_OPSET
-from graphq.passes.weight_only_emit import _drop_unused_weight as drop_unused_weight
+from graphq.passes.weight_only_emit import drop_unused_weight, named_matmuls
 
 from graphq.errors import GraphqError
 from graphq.numerics.companding import CubeRootWeight, codebook
@@ -97,10 +97,7 @@ class CubeRootEmissionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = {node.name: node for node in graph}
-        missing = [name for name in self.quantized if name not in nodes or nodes[name].op_type != "MatMul"]
-        if missing:
-            raise GraphqError(f"cube-root emission: {missing[0]} is not a MatMul of the graph")
+        nodes = named_matmuls(graph, self.quantized, "cube-root emission")
         for name, qw in self.quantized.items():
             node = nodes[name]
             new_nodes, weight = cuberoot_weight_nodes(graph, name.strip("/").replace("/", "_"), qw, self.form)

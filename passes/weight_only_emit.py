@@ -65,7 +65,16 @@ def weight_float_type(node: ir.Node) -> ir.DataType:
     return dtype if dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else ir.DataType.FLOAT
 
 
-def _drop_unused_weight(graph: ir.Graph, value: ir.Value) -> None:
+def named_matmuls(graph: ir.Graph, names, who: str) -> dict[str, ir.Node]:
+    """The MatMul nodes called ``names``; GraphqError (prefixed ``who``) naming the first that is not one."""
+    nodes = {node.name: node for node in graph}
+    missing = [name for name in names if name not in nodes or nodes[name].op_type != "MatMul"]
+    if missing:
+        raise GraphqError(f"{who}: {missing[0]} is not a MatMul of the graph")
+    return {name: nodes[name] for name in names}
+
+
+def drop_unused_weight(graph: ir.Graph, value: ir.Value) -> None:
     if value.uses() or value.is_graph_output():
         return
     producer = value.producer()
@@ -92,10 +101,7 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = {node.name: node for node in graph}
-        missing = [name for name in self.quantized if name not in nodes or nodes[name].op_type != "MatMul"]
-        if missing:
-            raise GraphqError(f"weight-only: {missing[0]} is not a MatMul of the graph")
+        nodes = named_matmuls(graph, self.quantized, "weight-only")
         for name, qw in self.quantized.items():
             node = nodes[name]
             if self.config.format == "matmulnbits":
@@ -130,7 +136,7 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         graph.remove(node, safe=True)
         name = output.name
         output.name, result.name = f"{name}/float_matmul", name
-        _drop_unused_weight(graph, old_weight)
+        drop_unused_weight(graph, old_weight)
 
     def _blockwise_qdq(self, graph: ir.Graph, node: ir.Node, qw: QuantizedWeight) -> None:
         bits = qw.config.bits
@@ -149,4 +155,4 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         graph.insert_before(node, dq)
         old_weight = node.inputs[1]
         node.replace_input_with(1, dq.outputs[0])
-        _drop_unused_weight(graph, old_weight)
+        drop_unused_weight(graph, old_weight)
