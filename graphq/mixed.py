@@ -62,6 +62,7 @@ class MixedRecipe:
     method: str = "gptq"
     act_order: bool = True  # GPTQ: quantize the inputs with the largest H[k, k] first
     damp: float = 0.01  # GPTQ: damping as a fraction of mean(diag H)
+    clip_search: bool = True  # GPTQ: per-group clip ratios from AWQ's clip search on the Hessian first
     calibration: CalibrationConfig = CalibrationConfig(windows=16)  # GPTQ Hessians
     emit: WeightOnlyEmitConfig = WeightOnlyEmitConfig()
     embedding: str = "quantized"  # lookups tied to a quantized head share its codes; others int4
@@ -168,7 +169,8 @@ def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: 
 
     def quantize(nodes: list[ir.Node], stats) -> dict[str, QuantizedWeight]:
         return {node.name: gptq_columns(constant_weight(node), stats[node.inputs[0].name].hessian, configs[node.name],
-                                        damp=recipe.damp, act_order=recipe.act_order) for node in nodes}
+                                        damp=recipe.damp, act_order=recipe.act_order, clip_search=recipe.clip_search)
+                for node in nodes}
 
     windows = calibration_windows(load_tokenizer(source, tokenizer_dir), recipe.calibration)
     stages = partition(graph)
@@ -193,14 +195,19 @@ def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: 
 
 
 def gptq_columns(weight: np.ndarray, hessian: np.ndarray, config, *, damp: float, act_order: bool,
-                 columns: int = 4096) -> QuantizedWeight:
+                 clip_search: bool = False, columns: int = 4096) -> QuantizedWeight:
     """GPTQ of ``W [K, N]`` a block of columns at a time: columns never interact in GPTQ (the updates
     run along ``K`` within each column, and the order depends on ``H`` alone), so this equals one call on
-    the whole weight with bounded memory (the tied LM head is ``576 x 49152``)."""
-    from graphq.numerics.weight_only import gptq_quantize
+    the whole weight with bounded memory (the tied LM head is ``576 x 49152``). With ``clip_search``,
+    each group's range is first shrunk by the ratio minimising its own output error under RTN
+    (:func:`~graphq.numerics.weight_only.awq_clip_search` on ``H``), as the ``w4-gptq`` recipe does."""
+    from graphq.numerics.weight_only import awq_clip_search, gptq_quantize
 
-    parts = [gptq_quantize(weight[:, i:i + columns], hessian, config, damp=damp, act_order=act_order, pad=True)
-             for i in range(0, weight.shape[1], columns)]
+    def one_block(block: np.ndarray) -> QuantizedWeight:
+        ratios = awq_clip_search(block, None, config, pad=True, hessian=hessian) if clip_search else 1.0
+        return gptq_quantize(block, hessian, config, damp=damp, act_order=act_order, pad=True, clip_ratio=ratios)
+
+    parts = [one_block(weight[:, i:i + columns]) for i in range(0, weight.shape[1], columns)]
     if len(parts) == 1:
         return parts[0]
     return QuantizedWeight(np.concatenate([p.q for p in parts], axis=1), np.concatenate([p.scales for p in parts], axis=1),
