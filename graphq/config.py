@@ -104,6 +104,8 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
     "w8-rtn": WeightOnlyRecipe(name="w8-rtn", weights=WeightQuantConfig(bits=8, group_size=128, symmetric=True)),
     # Cube-root companding (seed 004): non-uniform 4-bit levels, g128, same tied 8-bit head/embedding as w4-rtn.
     "w4-cuberoot": WeightOnlyRecipe(name="w4-cuberoot", grid="cuberoot", emit=WeightOnlyEmitConfig(format="codebook")),
+    "w4-cuberoot-gptq": WeightOnlyRecipe(name="w4-cuberoot-gptq", method="gptq", grid="cuberoot",
+                                         emit=WeightOnlyEmitConfig(format="codebook")),
     # int4 / int8 / float per MatMul from the sensitivity analysis, within 4.5 bits per weight.
     "mixed": MixedRecipe(),
 }

@@ -18,8 +18,9 @@
    ``< b`` are already quantized (fake-quantized float weights), one block at a time
    (:mod:`graphq.blockwise`), as in the GPTQ and AWQ papers; otherwise from the float model in
    one pass.
-   With ``grid = "cuberoot"`` (recipe ``w4-cuberoot``), RTN rounds on the cube-root companded grid
-   instead (:mod:`graphq.numerics.companding`: levels ``sigma (q - 2^(b-1))^3``); a tied LM head that
+   With ``grid = "cuberoot"`` (recipes ``w4-cuberoot``, ``w4-cuberoot-gptq``), RTN or GPTQ (with the
+   clip search evaluated on the same levels) rounds on the cube-root companded grid instead
+   (:mod:`graphq.numerics.companding`: levels ``sigma (q - 2^(b-1))^3``); a tied LM head that
    shares its codes with the embedding stays uniform (``embedding_bits``), like ``w4-rtn``'s.
 3. Emit ``MatMulNBits`` or blockwise ``DequantizeLinear`` (:mod:`graphq.passes.weight_only_emit`), or for
    cube-root weights a codebook ``Gather`` or ``DequantizeLinear`` + ``Pow(., 3)``
@@ -44,7 +45,7 @@ from graphq.calibrate import CalibrationConfig, calibration_windows, collect_sta
 from graphq.errors import GraphqError, OutputPathError
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import ExternalDataSink, load_model, release, release_all, save_model, save_streamed, staging_dir
-from graphq.numerics.companding import CubeRootWeight, check_cuberoot_config, quantize_cuberoot
+from graphq.numerics.companding import CubeRootWeight, check_cuberoot_config, cuberoot_grid, quantize_cuberoot
 from graphq.numerics.weight_only import (
     QuantizedWeight,
     WeightQuantConfig,
@@ -53,6 +54,7 @@ from graphq.numerics.weight_only import (
     gptq_quantize,
     hessian_accumulate,
     quantize_rtn,
+    uniform_grid,
 )
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.cuberoot_emit import CUBEROOT_FORMS, CubeRootEmissionPass
@@ -137,8 +139,8 @@ class WeightOnlyRecipe:
             raise GraphqError(f"weight-only grid must be one of {GRIDS}, got '{self.grid}'")
         if self.grid == "cuberoot":
             check_cuberoot_config(self.weights)
-            if self.method != "rtn":
-                raise GraphqError(f"the cube-root grid is quantized by round to nearest only, not '{self.method}'")
+            if self.method == "awq" or self.gptq.awq_scales:
+                raise GraphqError("the cube-root grid is quantized by round to nearest or GPTQ, not with AWQ scales")
             if self.emit.format not in CUBEROOT_FORMS:
                 raise GraphqError(f"cube-root weights are emitted as {' or '.join(CUBEROOT_FORMS)}, not '{self.emit.format}'")
         elif self.emit.format in CUBEROOT_FORMS:
@@ -253,6 +255,7 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
     gptq = recipe.method == "gptq"
     fold_scales = recipe.gptq.awq_scales if gptq else recipe.awq.fold_scales
     clip_search = recipe.gptq.clip_search if gptq else True
+    levels = cuberoot_grid(config) if recipe.grid == "cuberoot" else uniform_grid(config)
     groups: dict[str, list[ir.Node]] = {}
     for node in nodes:
         groups.setdefault(node.inputs[0].name, []).append(node)
@@ -276,11 +279,11 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
             ratios = 1.0
             if clip_search:
                 ratios = awq_clip_search(weight, None, config, grid=recipe.awq.clip_grid, max_shrink=recipe.awq.max_shrink,
-                                         pad=recipe.pad_groups, hessian=hessian)
+                                         pad=recipe.pad_groups, hessian=hessian, levels=levels)
             if gptq:
                 quantized[node.name] = gptq_quantize(weight, hessian, config, damp=recipe.gptq.damp,
                                                      block_size=recipe.gptq.block_size, act_order=recipe.gptq.act_order,
-                                                     pad=recipe.pad_groups, clip_ratio=ratios)
+                                                     pad=recipe.pad_groups, clip_ratio=ratios, grid=levels)
             else:
                 quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
     return {node.name: quantized[node.name] for node in nodes}

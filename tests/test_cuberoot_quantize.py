@@ -52,6 +52,25 @@ def test_w4_cuberoot_end_to_end(form, tiny_llama_onnx, float_ppl, tmp_path):
     assert json.loads(model.metadata_props["graphq.recipe"])["grid"] == "cuberoot"
 
 
+def test_w4_cuberoot_gptq_end_to_end(tiny_llama_onnx, float_ppl, tmp_path):
+    base = RECIPES["w4-cuberoot-gptq"]
+    recipe = dataclasses.replace(base, weights=dataclasses.replace(base.weights, group_size=32), calibration=SMALL)
+    before = sha256_tree(tiny_llama_onnx.parent)
+    out = tmp_path / "g" / "model.onnx"
+
+    quantize_weights(tiny_llama_onnx, out, recipe, progress=False)
+
+    assert sha256_tree(tiny_llama_onnx.parent) == before
+    onnx.checker.check_model(str(out))
+    model = ir.load(out)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["MatMulNBits"] == 1 and ops["GatherBlockQuantized"] == 1 and ops["Gather"] >= 14
+    ppl = evaluate_model(out, EvalConfig(windows=2, measure_speed=False), progress=False).perplexity
+    assert ppl == pytest.approx(float_ppl, rel=0.03)
+    stored = json.loads(model.metadata_props["graphq.recipe"])
+    assert stored["grid"] == "cuberoot" and stored["method"] == "gptq"
+
+
 @pytest.mark.parametrize("scheme", ["dynamic-token"])  # static: tests/test_cuberoot_qdq.py (the calibration is the slow part)
 def test_w8a8_cuberoot_end_to_end(scheme, tiny_llama_onnx, float_ppl, tmp_path):
     recipe = dataclasses.replace(RECIPES["w8a8-cuberoot"], calibration=SMALL,
@@ -88,9 +107,11 @@ def test_cli_bad_cuberoot_options_write_nothing(args, message, tiny_llama_onnx, 
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
-def test_cuberoot_with_gptq_is_refused():
-    with pytest.raises(GraphqError, match="round to nearest only"):
-        WeightOnlyRecipe(method="gptq", grid="cuberoot", emit=RECIPES["w4-cuberoot"].emit)
+def test_cuberoot_with_awq_is_refused():
+    with pytest.raises(GraphqError, match="not with AWQ scales"):
+        WeightOnlyRecipe(method="awq", grid="cuberoot", emit=RECIPES["w4-cuberoot"].emit)
+    with pytest.raises(GraphqError, match="not with AWQ scales"):
+        dataclasses.replace(RECIPES["w4-cuberoot-gptq"], gptq=dataclasses.replace(RECIPES["w4-gptq"].gptq, awq_scales=True))
     with pytest.raises(GraphqError, match="supports 4 or 8 bits"):
         dataclasses.replace(RECIPES["w4-cuberoot"], weights=WeightQuantConfig(bits=6, group_size=128))
 

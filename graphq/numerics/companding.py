@@ -47,10 +47,12 @@ import numpy as np
 
 from graphq.errors import GraphqError
 from graphq.numerics.weight_only import (
+    GptqGrid,
     QuantizedWeight,
     WeightQuantConfig,
     _as_weight,
     _group_view,
+    gptq_quantize,
 )
 
 CUBEROOT_BITS = (4, 8)
@@ -110,22 +112,53 @@ class CubeRootWeight(QuantizedWeight):
         return (y * y) * y
 
 
+def cuberoot_group_params(grouped: np.ndarray, config: WeightQuantConfig, ratio: np.ndarray | float = 1.0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """``sigma = r e / -Z^3`` (float32; 1 for an all-zero group) and the zero points ``Z`` for groups
+    along axis -2 (``[..., G, N] -> [..., N]``); ``r`` shrinks the group's extreme ``e`` (clip ratio)."""
+    lo, hi = grouped.min(axis=-2), grouped.max(axis=-2)
+    extreme = np.where(hi >= -lo, hi, lo) * ratio
+    z = config.symmetric_zero_point
+    sigma = (extreme / -float(z) ** 3).astype(np.float32)
+    sigma = np.where(sigma == 0, np.float32(1.0), sigma).astype(np.float32)
+    return sigma, np.full(sigma.shape, z, dtype=np.uint8)
+
+
+def _cuberoot_codes(w: np.ndarray, sigma: np.ndarray, config: WeightQuantConfig) -> np.ndarray:
+    z = config.symmetric_zero_point
+    levels = np.clip(np.rint(compand(w / sigma.astype(np.float64))), -z, z - 1)
+    return (levels + z).astype(np.uint8)
+
+
 def quantize_cuberoot(weight: np.ndarray, config: WeightQuantConfig, *, pad: bool = False) -> CubeRootWeight:
     """Round ``f(w / sigma)`` to the nearest level, per group (module docstring)."""
     check_cuberoot_config(config)
     w = _as_weight(weight)
     k = w.shape[0]
     g = config.group_length(k, pad=pad)
-    grouped = _group_view(w, g)
-    lo, hi = grouped.min(axis=1), grouped.max(axis=1)
-    extreme = np.where(hi >= -lo, hi, lo)
-    z = config.symmetric_zero_point
-    sigma = (extreme / -float(z) ** 3).astype(np.float32)
-    sigma = np.where(sigma == 0, np.float32(1.0), sigma).astype(np.float32)
+    sigma, zeros = cuberoot_group_params(_group_view(w, g), config)
     rows = np.arange(k) // g
-    levels = np.clip(np.rint(compand(w / sigma[rows].astype(np.float64))), -z, z - 1)
-    q = (levels + z).astype(np.uint8)
-    return CubeRootWeight(q, sigma, np.full(sigma.shape, z, dtype=np.uint8), config)
+    return CubeRootWeight(_cuberoot_codes(w, sigma[rows], config), sigma, zeros, config)
+
+
+def cuberoot_grid(config: WeightQuantConfig) -> GptqGrid:
+    """The cube-root grid for GPTQ: each row rounds ``f(w / sigma)`` to the nearest level and its
+    error ``w - sigma (q - Z)^3`` is spread over the rows not yet quantized, as on the uniform grid."""
+    check_cuberoot_config(config)
+    table = codebook(config.bits).astype(np.float64)
+
+    def round_row(row: np.ndarray, sigma: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = _cuberoot_codes(row, sigma, config)
+        return q, table[q] * sigma.astype(np.float64)
+
+    return GptqGrid(lambda grouped, ratio: cuberoot_group_params(grouped, config, ratio), round_row, CubeRootWeight)
+
+
+def gptq_cuberoot(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantConfig, *, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, pad: bool = False) -> CubeRootWeight:
+    """GPTQ (:func:`graphq.numerics.weight_only.gptq_quantize`) on the cube-root grid."""
+    return gptq_quantize(weight, hessian, config, damp=damp, block_size=block_size, act_order=act_order, pad=pad,
+                         grid=cuberoot_grid(config))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -279,8 +280,8 @@ def by_column_chunks(quantize, weight: np.ndarray, max_elements: int, clip_ratio
     ratio = np.asarray(clip_ratio)
     parts = [quantize(weight[:, start:start + width], clip_ratio=ratio[:, start:start + width] if ratio.ndim else clip_ratio,
                       **kwargs) for start in range(0, n, width)]
-    return QuantizedWeight(np.concatenate([p.q for p in parts], axis=1), np.concatenate([p.scales for p in parts], axis=1),
-                           np.concatenate([p.zero_points for p in parts], axis=1), parts[0].config)
+    return type(parts[0])(np.concatenate([p.q for p in parts], axis=1), np.concatenate([p.scales for p in parts], axis=1),
+                          np.concatenate([p.zero_points for p in parts], axis=1), parts[0].config)
 
 
 def quantize_rtn(weight: np.ndarray, config: WeightQuantConfig, *, clip_ratio: float | np.ndarray = 1.0,
@@ -363,21 +364,43 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class GptqGrid:
+    """The quantization grid GPTQ rounds each row onto: ``params(grouped [.., G, N], ratio)`` gives a
+    group's scales (float32) and zero points (uint8), ``round(row [N], scale [N], zero [N])`` a row's
+    codes (uint8) and their dequantized values (float64), ``result`` the class holding the outcome."""
+
+    params: Callable[[np.ndarray, np.ndarray | float], tuple[np.ndarray, np.ndarray]]
+    round: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    result: type = QuantizedWeight
+
+
+def uniform_grid(config: WeightQuantConfig) -> GptqGrid:
+    """The evenly spaced grid of :func:`quantize_rtn` (module docstring)."""
+
+    def round_row(row: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = _codes(row, scale, zero, config.qmax)
+        return q, (q.astype(np.float64) - zero) * scale.astype(np.float64)
+
+    return GptqGrid(lambda grouped, ratio: _params_from_groups(grouped, config, ratio), round_row)
+
+
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantConfig, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, pad: bool = False,
-                  clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
+                  clip_ratio: float | np.ndarray = 1.0, grid: GptqGrid | None = None) -> QuantizedWeight:
     """GPTQ of ``W [K, N]`` given ``H [K, K]`` (:func:`hessian_accumulate`); see the module docstring.
 
     ``clip_ratio`` (a scalar or ``[n_groups, N]``, e.g. from :func:`awq_clip_search`) shrinks each
     group's range before its scale is taken, as in :func:`quantize_rtn`. Columns are independent
     (the error feedback runs along K), so weights above :data:`GPTQ_CHUNK_ELEMENTS` go in column chunks."""
     return by_column_chunks(_gptq_quantize, weight, GPTQ_CHUNK_ELEMENTS, clip_ratio, hessian=hessian, config=config,
-                            damp=damp, block_size=block_size, act_order=act_order, pad=pad)
+                            damp=damp, block_size=block_size, act_order=act_order, pad=pad, grid=grid)
 
 
 def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQuantConfig, damp: float = 0.01,
                    block_size: int = 128, act_order: bool = False, pad: bool = False,
-                   clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
+                   clip_ratio: float | np.ndarray = 1.0, grid: GptqGrid | None = None) -> QuantizedWeight:
+    grid = grid or uniform_grid(config)
     w = _as_weight(weight)
     k, n = w.shape
     h = np.array(hessian, dtype=np.float64, copy=True)
@@ -400,7 +423,7 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
     scales = np.empty((n_groups, n), dtype=np.float32)
     zeros = np.empty((n_groups, n), dtype=np.uint8)
     if act_order:
-        scales[:], zeros[:] = _params_from_groups(_group_view(w, g), config, ratios)  # static groups
+        scales[:], zeros[:] = grid.params(_group_view(w, g), ratios)  # static groups
         perm = np.argsort(-np.diag(h), kind="stable")
         w = w[perm]
         h = h[np.ix_(perm, perm)]
@@ -424,18 +447,17 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
                 if end > stop:  # the rows past this block still owe it the errors of rows start..row-1
                     pending = w[stop:end] - upper[start:row, stop:end].T @ errors[:i]
                     current = np.concatenate([current, pending])
-                scales[group], zeros[group] = _params_from_groups(current, config, ratios[group])
-            scale, zero = scales[group], zeros[group]
-            q = _codes(block[i], scale, zero, config.qmax)
+                scales[group], zeros[group] = grid.params(current, ratios[group])
+            q, dequantized = grid.round(block[i], scales[group], zeros[group])
             codes[row] = q
-            err = (block[i] - (q.astype(np.float64) - zero) * scale.astype(np.float64)) / block_u[i, i]
+            err = (block[i] - dequantized) / block_u[i, i]
             block[i + 1:] -= np.outer(block_u[i, i + 1:], err)
             errors[i] = err
         w[stop:] -= upper[start:stop, stop:].T @ errors
 
     original = np.empty_like(codes)
     original[perm] = codes
-    return QuantizedWeight(original, scales, zeros, config)
+    return grid.result(original, scales, zeros, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +525,7 @@ def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray 
 
 def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: WeightQuantConfig, *, grid: int = 20,
                     max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 256,
-                    hessian: np.ndarray | None = None) -> np.ndarray:
+                    hessian: np.ndarray | None = None, levels: GptqGrid | None = None) -> np.ndarray:
     """Per-group clip ratios ``[n_groups, N]`` (float64, for :func:`quantize_rtn`) minimising each group's
     output error ``mean_m (x_g[m] . (w_g - w_hat_g))^2`` on ``x_sample [M, K]``.
 
@@ -511,6 +533,7 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
     and is only replaced by a strictly smaller error, so no group gets worse than unclipped RTN.
     With ``x_sample=None``, the per-group Gram matrices are the diagonal blocks of ``hessian = 2 x^T x / M``
     (the same minimiser: the error is a quadratic form in the group's rows). Works through ``column_chunk`` output columns at a time; memory is ``O(K (G + column_chunk))``.
+    ``levels``: the grid the weights are rounded onto (default the uniform one; e.g. the cube-root grid).
     """
     w = _as_weight(weight)
     k, n = w.shape
@@ -538,15 +561,15 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
         xg = _group_view(x.T, g)  # [n_groups, G, M], zero rows past K
         grams = xg @ xg.transpose(0, 2, 1)  # [n_groups, G, G]: x_g^T x_g per group
     ratios = [1.0 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
+    rounding = levels or uniform_grid(config)
     best_ratio = np.ones((grams.shape[0], n), dtype=np.float64)
     for c0 in range(0, n, column_chunk):
         chunk = w[:, c0:c0 + column_chunk]
         grouped = _group_view(chunk, g)  # [n_groups, G, nc]
         best_err = np.full(best_ratio[:, c0:c0 + column_chunk].shape, np.inf)
         for ratio in ratios:
-            scale, zero = _params_from_groups(grouped, config, ratio)
-            deq = (_codes(grouped, scale[:, None], zero[:, None], config.qmax).astype(np.float64)
-                   - zero[:, None]) * scale[:, None].astype(np.float64)
+            scale, zero = rounding.params(grouped, ratio)
+            _, deq = rounding.round(grouped, scale[:, None], zero[:, None])
             # padded rows: 0 - 0 (a zero weight quantizes to its zero point); contiguous, or the batched
             # matmul below falls back to a slow non-BLAS loop
             diff = np.ascontiguousarray(grouped - deq)
