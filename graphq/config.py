@@ -49,6 +49,9 @@ class W8A8Recipe:
     peg: PegConfig | None = None
     # Per-column range of the int8 weights (k-sigma clipping, graphq.numerics.clipping).
     weight_clip: WeightClip = WeightClip()
+    # Pack the int8 MatMuls that read one activation (q/k/v, gate/up) into one MatMul after SmoothQuant
+    # (graphq.passes.pack_matmuls, exact): one activation quantization and one integer GEMM per group.
+    pack_matmuls: bool = False
 
     def __post_init__(self) -> None:
         if self.grid not in W8A8_GRIDS:
@@ -58,6 +61,8 @@ class W8A8Recipe:
                               f"not '{self.activations.activation_scheme}'")
         if self.grid == "cuberoot" and (self.peg is not None or self.weight_clip.method != "none"):
             raise GraphqError("the cube-root grid does not combine with PEG groups or k-sigma weight clipping")
+        if self.pack_matmuls and (self.peg is not None or self.grid != "uniform"):
+            raise GraphqError("pack_matmuls does not combine with PEG groups or the cube-root grid")
 
 
 W8A8_GRIDS = ("uniform", "cuberoot")
@@ -75,9 +80,9 @@ _STATIC = QdqConfig(activation_scheme="static")
 # a stronger migration (a = 0.8, best of 0.5/0.8/0.9 with min-max; percentile, MSE and k-sigma
 # clipping of the activations were all worse on 10 windows).
 RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
-    "w8a8": W8A8Recipe(float_nodes=LM_HEAD_NODES),
-    "w8a8-int8-head": W8A8Recipe(name="w8a8-int8-head"),
-    "w8a8-nosmooth": W8A8Recipe(name="w8a8-nosmooth", smoothquant=None, float_nodes=LM_HEAD_NODES),
+    "w8a8": W8A8Recipe(float_nodes=LM_HEAD_NODES, pack_matmuls=True),
+    "w8a8-int8-head": W8A8Recipe(name="w8a8-int8-head", pack_matmuls=True),
+    "w8a8-nosmooth": W8A8Recipe(name="w8a8-nosmooth", smoothquant=None, float_nodes=LM_HEAD_NODES, pack_matmuls=True),
     "w8a8-static": W8A8Recipe(name="w8a8-static", smoothquant=SmoothQuantConfig(alpha=0.8), activations=_STATIC,
                               float_nodes=LM_HEAD_NODES),
     "w8a8-trt": W8A8Recipe(name="w8a8-trt", smoothquant=SmoothQuantConfig(alpha=0.8),

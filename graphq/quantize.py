@@ -44,6 +44,7 @@ from graphq.passes.dedupe_initializers import DeduplicateInitializersPass
 from graphq.numerics.peg import embedding_groups, group_ranges
 from graphq.passes.keep_float import keep_float_violations, kept_nodes
 from graphq.passes.peg import PegGroupingPass, check_groups_divide
+from graphq.passes.pack_matmuls import pack_planned_matmuls
 from graphq.passes.shape_inference import ShapeInferencePass
 from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, constant_weight, quantizable_matmuls
 from graphq.passes.smoothquant import SmoothQuantPass
@@ -310,6 +311,8 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                                                                  windows, progress)
         elif static:
             ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in stats.items()}
+        if recipe.pack_matmuls:
+            graph, qdq_plan, weight_ranges = pack_planned_matmuls(graph, qdq_plan, weight_ranges)
         if recipe.grid == "cuberoot":  # W8A8Recipe refuses PEG and weight clipping with this grid
             qdq = CubeRootQdqPass(plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names)
         else:
