@@ -56,6 +56,8 @@ ACTIVATION_ZERO_POINTS = {
 INT8, FLOAT = "int8", "float"
 # Default-domain opset of QuantizeLinear with block_size (the per-token quantizer of float32 graphs).
 BLOCKED_QUANTIZE_OPSET = 21
+# Name prefix of the per-row uint8 zero points shared by activations with the same leading dims.
+ROW_ZERO_POINT = "token_zero_point_u8"
 # Guards the per-token scale of an all-zero row (x / s with s = 0).
 MIN_TOKEN_SCALE = 1e-8
 
@@ -91,6 +93,22 @@ def _weight_tensor(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
         if source.const_value is not None and not source.is_graph_input() and len(source.const_value.shape) == 2 and list(perm) == [1, 0]:
             return source.const_value, True
     return None
+
+
+def _leading_dims(x: ir.Value) -> tuple | None:
+    """``x``'s dims before the last as a hashable key when every one is known (an int or a named
+    symbol), else None."""
+    if x.shape is None or len(x.shape) < 2:
+        return None
+    dims = []
+    for dim in list(x.shape)[:-1]:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif isinstance(dim, ir.SymbolicDim) and dim.value:
+            dims.append(str(dim.value))
+        else:
+            return None
+    return tuple(dims)
 
 
 def has_constant_weight(node: ir.Node) -> bool:
@@ -161,6 +179,9 @@ class QdqInsertionPass(ir.passes.InPlacePass):
             model.opset_imports.setdefault("com.microsoft", 1)  # MatMulIntegerToFloat
         opset = model.opset_imports.get("", 18)
         quantized_inputs: dict[str, ir.Value] = {}
+        # shared per-row zero points (see _blocked_token_quantizer), also those of an earlier run on this graph
+        self._row_zero_points = {value.name: value for node in graph for value in node.outputs
+                                 if value.name and value.name.startswith(ROW_ZERO_POINT)}
         for node in list(graph):
             if self.plan.get(node.name) != INT8:
                 continue
@@ -218,7 +239,8 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         fused = self._float == np.float32 and opset >= BLOCKED_QUANTIZE_OPSET
         if x.name not in quantized_inputs:
             if fused:
-                nodes, xq, x_scale = self._blocked_token_quantizer(graph, x, wq.const_value.shape[0])
+                nodes, xq, x_scale = self._blocked_token_quantizer(graph, x, wq.const_value.shape[0],
+                                                                   self._row_zero_points)
             else:
                 nodes, xq, x_scale = self._token_quantizer(graph, x, opset, self._float)
             graph.insert_before(node, nodes)
@@ -258,9 +280,12 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         self._drop_if_unused(graph, old_weight)
 
     @staticmethod
-    def _blocked_token_quantizer(graph, x, k: int):
+    def _blocked_token_quantizer(graph, x, k: int, zero_points: dict[str, ir.Value]):
         """Per-row scales ``max(max(ReduceMax(x), -ReduceMin(x)) / 127, min_scale)`` and the uint8 codes
-        ``QuantizeLinear(x, s, 128, axis=-1, block_size=K)`` (opset 21: one block per row)."""
+        ``QuantizeLinear(x, s, 128, axis=-1, block_size=K)`` (opset 21: one block per row). Its zero
+        point must have the scale's shape ``[..., rows, 1]`` (``Expand`` of 128): activations whose
+        leading dims are known and equal (named or fixed, e.g. ``[batch, sequence]``) share one, named
+        ``token_zero_point_u8(<dims>)`` and kept in ``zero_points``."""
         name = x.name
         c127 = new_initializer(graph, f"{name}/c127", np.array(127.0, dtype=np.float32))
         eps = new_initializer(graph, f"{name}/min_scale", np.array(MIN_TOKEN_SCALE, dtype=np.float32))
@@ -272,17 +297,29 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         abs_max = ir.node("Max", [row_max.outputs[0], negated.outputs[0]], name=f"{name}/token_abs_max")
         scale = ir.node("Div", [abs_max.outputs[0], c127], name=f"{name}/token_scale_raw")
         safe_scale = ir.node("Max", [scale.outputs[0], eps], name=f"{name}/token_scale")
-        shape = ir.node("Shape", [safe_scale.outputs[0]], name=f"{name}/token_scale_shape")
-        zeros = ir.node("Expand", [zero, shape.outputs[0]], name=f"{name}/token_zero_point")
-        quantize = ir.node("QuantizeLinear", [x, safe_scale.outputs[0], zeros.outputs[0]],
+        nodes = [row_max, row_min, negated, abs_max, scale, safe_scale]
+        rows = None if x.shape is None else ir.Shape([*list(x.shape)[:-1], 1])
+        key = _leading_dims(x)
+        shared = None if key is None else f"{ROW_ZERO_POINT}({','.join(map(str, key))})"
+        zeros = zero_points.get(shared) if shared is not None else None
+        new_zeros = []
+        if zeros is None:
+            shape = ir.node("Shape", [safe_scale.outputs[0]], name=f"{name}/token_scale_shape")
+            expand = ir.node("Expand", [zero, shape.outputs[0]], name=f"{name}/token_zero_point")
+            new_zeros = [shape, expand]
+            zeros = expand.outputs[0]
+        quantize = ir.node("QuantizeLinear", [x, safe_scale.outputs[0], zeros],
                            attributes={"axis": -1, "block_size": int(k)}, name=f"{name}/token_QuantizeLinear")
-        nodes = [row_max, row_min, negated, abs_max, scale, safe_scale, shape, zeros, quantize]
+        nodes += [*new_zeros, quantize]
         for index, new in enumerate(nodes):
             new.outputs[0].name = f"{name}/token_q{index}"
-        rows = None if x.shape is None else ir.Shape([*list(x.shape)[:-1], 1])
+        if new_zeros:
+            zeros.dtype, zeros.shape = ir.DataType.UINT8, rows
+            if shared is not None:
+                zeros.name = shared
+                zero_points[shared] = zeros
         for new in (row_max, row_min, negated, abs_max, scale, safe_scale):
             new.outputs[0].dtype, new.outputs[0].shape = ir.DataType.FLOAT, rows
-        zeros.outputs[0].dtype, zeros.outputs[0].shape = ir.DataType.UINT8, rows
         quantize.outputs[0].dtype, quantize.outputs[0].shape = ir.DataType.UINT8, x.shape
         return nodes, quantize.outputs[0], safe_scale.outputs[0]
 

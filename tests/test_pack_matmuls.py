@@ -110,6 +110,9 @@ def test_w8a8_packed_equals_unpacked(fused_past, tiny_llama_past_onnx, tmp_path)
     assert plain.integer_kernels == {"MatMulIntegerToFloat": 7 * LAYERS}
     assert packed.integer_kernels == {"MatMulIntegerToFloat": 4 * LAYERS}
     quantized = ir.load(packed.model_path)
+    ops = collections.Counter(n.op_type for n in quantized.graph)
+    # one per-token quantizer per activation (4 per layer, the LM head float); one shared zero point
+    assert ops["QuantizeLinear"] == 4 * LAYERS and ops["Expand"] == 1
     kept = {n.name for n in kept_nodes(fused_past)}
     assert keep_float_violations(n for n in quantized.graph if n.name in kept) == []
     onnx.checker.check_model(str(packed.model_path), full_check=True)
