@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import sha256_tree
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_prefill_profile.py"
