@@ -74,9 +74,11 @@ _STATIC = QdqConfig(activation_scheme="static")
 
 # Defaults chosen from measurements on SmolLM2-135M (tools/bench_quality.py, 40 windows; the README
 # has the table): per-token activations with a = 0.5 keep perplexity within 1.5 %. The LM head stays
-# float by default: quantized it costs accuracy (1.021x vs 1.015x), an extra int8 copy of the tied
-# embedding (+28 MB) and, per token, three element-wise ops on the [tokens, vocab] output, which made
-# it slower than the float GEMM (prefill 1.32x vs 1.52x float). Static per-tensor activations need
+# float by default: quantized it costs accuracy (1.021x vs 1.015x) and an extra int8 copy of the tied
+# embedding (+28 MB). (It was also slower, from three element-wise ops on the [tokens, vocab] output;
+# since the per-token scales moved into MatMulIntegerToFloat it is faster: fused graph, q/k/v and
+# gate/up packed, tools/bench_speed.py 3 rounds, prefill 2.71x vs 2.28x float, decode 3.08x vs 2.39x;
+# 40 windows 29.359 vs 29.152.) Static per-tensor activations need
 # a stronger migration (a = 0.8, best of 0.5/0.8/0.9 with min-max; percentile, MSE and k-sigma
 # clipping of the activations were all worse on 10 windows).
 RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {

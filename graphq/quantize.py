@@ -8,9 +8,10 @@
 3. SmoothQuant (if the recipe has it) folds ``s`` into norm weights / producer weights / an explicit
    Mul. For static activations, the smoothed graph is calibrated again so that ranges describe the
    activations the quantizer will actually see.
-4. Insert int8 weights and activations (recipe ``grid = "cuberoot"``: cube-root companded int8,
-   :mod:`graphq.passes.cuberoot_qdq`, run by float MatMuls); clean up; check that no kept node reads
-   quantized data.
+4. With ``pack_matmuls``, pack the int8 MatMuls that read one activation (q/k/v, gate/up) into one
+   (:mod:`graphq.passes.pack_matmuls`, exact). Insert int8 weights and activations (recipe
+   ``grid = "cuberoot"``: cube-root companded int8, :mod:`graphq.passes.cuberoot_qdq`, run by float
+   MatMuls); clean up; check that no kept node reads quantized data.
 5. Save to a staging folder, verify (``onnx.checker``, ORT session, integer MatMul kernels in ORT's
    optimised graph, except for cube-root), then move into place. Nothing is written at the output path before that.
 """
