@@ -249,7 +249,7 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
         if peg_groups is not None or peg_permute is not None:
             peg = recipe.peg or PegConfig()
             peg = dataclasses.replace(peg, **{k: v for k, v in (("groups", peg_groups), ("permute", peg_permute)) if v is not None})
-            recipe = dataclasses.replace(recipe, peg=peg)
+            recipe = dataclasses.replace(recipe, peg=peg, pack_matmuls=False)  # PEG splits MatMuls: no packing
     else:
         weights = recipe.weights
         for field, value in (("bits", bits), ("group_size", group_size), ("symmetric", None if asymmetric is None else not asymmetric)):

@@ -49,6 +49,9 @@ class W8A8Recipe:
     peg: PegConfig | None = None
     # Per-column range of the int8 weights (k-sigma clipping, graphq.numerics.clipping).
     weight_clip: WeightClip = WeightClip()
+    # Pack the int8 MatMuls that read one activation (q/k/v, gate/up) into one MatMul after SmoothQuant
+    # (graphq.passes.pack_matmuls, exact): one activation quantization and one integer GEMM per group.
+    pack_matmuls: bool = False
 
     def __post_init__(self) -> None:
         if self.grid not in W8A8_GRIDS:
@@ -58,6 +61,8 @@ class W8A8Recipe:
                               f"not '{self.activations.activation_scheme}'")
         if self.grid == "cuberoot" and (self.peg is not None or self.weight_clip.method != "none"):
             raise GraphqError("the cube-root grid does not combine with PEG groups or k-sigma weight clipping")
+        if self.pack_matmuls and (self.peg is not None or self.grid != "uniform"):
+            raise GraphqError("pack_matmuls does not combine with PEG groups or the cube-root grid")
 
 
 W8A8_GRIDS = ("uniform", "cuberoot")
@@ -69,15 +74,17 @@ _STATIC = QdqConfig(activation_scheme="static")
 
 # Defaults chosen from measurements on SmolLM2-135M (tools/bench_quality.py, 40 windows; the README
 # has the table): per-token activations with a = 0.5 keep perplexity within 1.5 %. The LM head stays
-# float by default: quantized it costs accuracy (1.021x vs 1.015x), an extra int8 copy of the tied
-# embedding (+28 MB) and, per token, three element-wise ops on the [tokens, vocab] output, which made
-# it slower than the float GEMM (prefill 1.32x vs 1.52x float). Static per-tensor activations need
+# float by default: quantized it costs accuracy (1.021x vs 1.015x) and an extra int8 copy of the tied
+# embedding (+28 MB). (It was also slower, from three element-wise ops on the [tokens, vocab] output;
+# since the per-token scales moved into MatMulIntegerToFloat it is faster: fused graph, q/k/v and
+# gate/up packed, tools/bench_speed.py 3 rounds, prefill 2.71x vs 2.28x float, decode 3.08x vs 2.39x;
+# 40 windows 29.359 vs 29.152.) Static per-tensor activations need
 # a stronger migration (a = 0.8, best of 0.5/0.8/0.9 with min-max; percentile, MSE and k-sigma
 # clipping of the activations were all worse on 10 windows).
 RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
-    "w8a8": W8A8Recipe(float_nodes=LM_HEAD_NODES),
-    "w8a8-int8-head": W8A8Recipe(name="w8a8-int8-head"),
-    "w8a8-nosmooth": W8A8Recipe(name="w8a8-nosmooth", smoothquant=None, float_nodes=LM_HEAD_NODES),
+    "w8a8": W8A8Recipe(float_nodes=LM_HEAD_NODES, pack_matmuls=True),
+    "w8a8-int8-head": W8A8Recipe(name="w8a8-int8-head", pack_matmuls=True),
+    "w8a8-nosmooth": W8A8Recipe(name="w8a8-nosmooth", smoothquant=None, float_nodes=LM_HEAD_NODES, pack_matmuls=True),
     "w8a8-static": W8A8Recipe(name="w8a8-static", smoothquant=SmoothQuantConfig(alpha=0.8), activations=_STATIC,
                               float_nodes=LM_HEAD_NODES),
     "w8a8-trt": W8A8Recipe(name="w8a8-trt", smoothquant=SmoothQuantConfig(alpha=0.8),

@@ -8,9 +8,10 @@
 3. SmoothQuant (if the recipe has it) folds ``s`` into norm weights / producer weights / an explicit
    Mul. For static activations, the smoothed graph is calibrated again so that ranges describe the
    activations the quantizer will actually see.
-4. Insert int8 weights and activations (recipe ``grid = "cuberoot"``: cube-root companded int8,
-   :mod:`graphq.passes.cuberoot_qdq`, run by float MatMuls); clean up; check that no kept node reads
-   quantized data.
+4. With ``pack_matmuls``, pack the int8 MatMuls that read one activation (q/k/v, gate/up) into one
+   (:mod:`graphq.passes.pack_matmuls`, exact). Insert int8 weights and activations (recipe
+   ``grid = "cuberoot"``: cube-root companded int8, :mod:`graphq.passes.cuberoot_qdq`, run by float
+   MatMuls); clean up; check that no kept node reads quantized data.
 5. Save to a staging folder, verify (``onnx.checker``, ORT session, integer MatMul kernels in ORT's
    optimised graph, except for cube-root), then move into place. Nothing is written at the output path before that.
 """
@@ -44,6 +45,7 @@ from graphq.passes.dedupe_initializers import DeduplicateInitializersPass
 from graphq.numerics.peg import embedding_groups, group_ranges
 from graphq.passes.keep_float import keep_float_violations, kept_nodes
 from graphq.passes.peg import PegGroupingPass, check_groups_divide
+from graphq.passes.pack_matmuls import pack_planned_matmuls
 from graphq.passes.shape_inference import ShapeInferencePass
 from graphq.passes.qdq_insert import FLOAT, INT8, QdqInsertionPass, constant_weight, quantizable_matmuls
 from graphq.passes.smoothquant import SmoothQuantPass
@@ -310,6 +312,8 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                                                                  windows, progress)
         elif static:
             ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in stats.items()}
+        if recipe.pack_matmuls:
+            graph, qdq_plan, weight_ranges = pack_planned_matmuls(graph, qdq_plan, weight_ranges)
         if recipe.grid == "cuberoot":  # W8A8Recipe refuses PEG and weight clipping with this grid
             qdq = CubeRootQdqPass(plan, recipe.activations, activation_abs_max=ranges, kept_node_names=kept_names)
         else:

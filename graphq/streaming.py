@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # Models whose initializers exceed this are quantized streamed unless told otherwise.
 STREAM_THRESHOLD_BYTES = 1 << 30
 VERIFY_TOKENS = 8
-INTEGER_OPS = frozenset({"MatMulInteger", "DequantizeLinear", "QuantizeLinear"})
+INTEGER_OPS = frozenset({"MatMulInteger", "MatMulIntegerToFloat", "DequantizeLinear", "QuantizeLinear"})
 
 
 def should_stream(model: ir.Model) -> bool:
@@ -96,6 +96,7 @@ def quantize_w8a8_streamed(graph: ir.Model, source: Path, staged: Path, recipe, 
     from graphq.numerics.calibration import RunningStats
     from graphq.passes.cleanup import CleanupPass
     from graphq.passes.keep_float import keep_float_violations
+    from graphq.passes.pack_matmuls import pack_planned_matmuls
     from graphq.passes.qdq_insert import INT8, QdqInsertionPass
     from graphq.passes.smoothquant import SmoothQuantPass
 
@@ -124,7 +125,10 @@ def quantize_w8a8_streamed(graph: ir.Model, source: Path, staged: Path, recipe, 
                 smooth(graph)
                 smoothing.update(smooth.applied)
             ranges = {name: recipe.activation_range.absmax(s, bits=8) for name, s in stats.items()} if static else {}
-            qdq = QdqInsertionPass({node.name: INT8 for node in nodes}, recipe.activations, activation_abs_max=ranges,
+            stage_plan = {node.name: INT8 for node in nodes}
+            if recipe.pack_matmuls:
+                graph, stage_plan, _ = pack_planned_matmuls(graph, stage_plan)
+            qdq = QdqInsertionPass(stage_plan, recipe.activations, activation_abs_max=ranges,
                                    kept_node_names=kept_names)
             qdq(graph)
             quantized += len(qdq.quantized)

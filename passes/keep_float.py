@@ -14,7 +14,11 @@ themselves (seeds 000 and 001). graphq therefore never quantizes these; the poli
   with a constant (linear layers with bias, e.g. BERT's ``dense`` + bias + residual).
 
 A kept node *violates* the policy when one of its inputs comes straight out of a quantization op
-(:data:`QUANTIZATION_OP_TYPES`): it would then compute on dequantized data.
+(:data:`QUANTIZATION_OP_TYPES`): it would then compute on quantized or dequantized data. Integer
+linear kernels with a float output (:data:`FLOAT_RESULT_OP_TYPES`: ``MatMulIntegerToFloat``,
+``DynamicQuantizeMatMul``, ``MatMulNBits``) are the quantized layer itself, whose float result a
+residual Add or a Skip norm reads exactly as it reads a float ``MatMul``'s (or the ``Mul`` that
+rescales a ``MatMulInteger``): not a violation.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ KEEP_FLOAT_OP_TYPES = frozenset({
 RMS_NORM_CHAIN_OPS = ("Add", "Sqrt", "Div", "Reciprocal", "Mul", "Cast")
 RMS_NORM_MAX_CHAIN = 6
 QUANTIZATION_OP_TYPES = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-    "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
 })
+FLOAT_RESULT_OP_TYPES = frozenset({"MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits"})
 
 
 @dataclasses.dataclass(frozen=True)

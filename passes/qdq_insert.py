@@ -14,7 +14,13 @@ Activations ``x`` (shared by every planned MatMul that reads them) follow one of
 - ``dynamic-token`` (per token, computed at run time; CPU integer kernel): for each row ``t``
   (token), ``s_t = max_k |x[t, k]| / 127``, ``xq = round(x / s_t) + 128`` as uint8 (symmetric values
   shifted so ORT's fast u8 x s8 kernel applies), ``y = MatMulInteger(xq, Wq, 128) * s_t * s_w``.
-  Per-token scales follow each token's own range, which tames outlier tokens.
+  Per-token scales follow each token's own range, which tames outlier tokens. Float32 graphs get it
+  as few kernels as ONNX Runtime allows: ``max |x| = max(ReduceMax(x), -ReduceMin(x))`` (no ``Abs``
+  copy of ``x``), ``xq = QuantizeLinear(x, s_t, 128, axis=-1, block_size=K)`` (one block per row, the
+  same codes as ``Div -> Round -> Add -> Cast``; opset 21, raised where lower) and
+  ``y = com.microsoft.MatMulIntegerToFloat(xq, Wq, s_t, s_w, 128)`` (the column scales applied in the
+  GEMM's output stage, the row scales in the same kernel). Float16 graphs keep the op-by-op form
+  (``MatMulIntegerToFloat`` has no float16 CPU kernel).
 
 A node listed in ``weight_abs_max`` uses those per-column ranges ``c_n`` instead of ``max |W[:, n]|``
 (``s_n = c_n / 127``, values beyond ``c_n`` saturate: clipped weights, graphq.numerics.clipping).
@@ -48,6 +54,10 @@ ACTIVATION_ZERO_POINTS = {
     "tensorrt": np.array(0, dtype=np.int8),
 }
 INT8, FLOAT = "int8", "float"
+# Default-domain opset of QuantizeLinear with block_size (the per-token quantizer of float32 graphs).
+BLOCKED_QUANTIZE_OPSET = 21
+# Name prefix of the per-row uint8 zero points shared by activations with the same leading dims.
+ROW_ZERO_POINT = "token_zero_point_u8"
 # Guards the per-token scale of an all-zero row (x / s with s = 0).
 MIN_TOKEN_SCALE = 1e-8
 
@@ -83,6 +93,22 @@ def _weight_tensor(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
         if source.const_value is not None and not source.is_graph_input() and len(source.const_value.shape) == 2 and list(perm) == [1, 0]:
             return source.const_value, True
     return None
+
+
+def _leading_dims(x: ir.Value) -> tuple | None:
+    """``x``'s dims before the last as a hashable key when every one is known (an int or a named
+    symbol), else None."""
+    if x.shape is None or len(x.shape) < 2:
+        return None
+    dims = []
+    for dim in list(x.shape)[:-1]:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif isinstance(dim, ir.SymbolicDim) and dim.value:
+            dims.append(str(dim.value))
+        else:
+            return None
+    return tuple(dims)
 
 
 def has_constant_weight(node: ir.Node) -> bool:
@@ -147,8 +173,15 @@ class QdqInsertionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.check_plan(model)
         graph = model.graph
+        if self.config.activation_scheme == "dynamic-token" and self._fused_token_kernels(model):
+            if model.opset_imports.get("", 1) < BLOCKED_QUANTIZE_OPSET:
+                model.opset_imports[""] = BLOCKED_QUANTIZE_OPSET  # QuantizeLinear with block_size
+            model.opset_imports.setdefault("com.microsoft", 1)  # MatMulIntegerToFloat
         opset = model.opset_imports.get("", 18)
         quantized_inputs: dict[str, ir.Value] = {}
+        # shared per-row zero points (see _blocked_token_quantizer), also those of an earlier run on this graph
+        self._row_zero_points = {value.name: value for node in graph for value in node.outputs
+                                 if value.name and value.name.startswith(ROW_ZERO_POINT)}
         for node in list(graph):
             if self.plan.get(node.name) != INT8:
                 continue
@@ -195,27 +228,46 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         node.replace_input_with(1, dq_w.outputs[0])
         self._drop_if_unused(graph, old_weight)
 
+    def _fused_token_kernels(self, model: ir.Model) -> bool:
+        """Whether the planned MatMuls get the float32 kernel form (module docstring): every one's weight
+        is float32 (a float16 graph keeps the op-by-op form)."""
+        nodes = {node.name: node for node in model.graph}
+        found = [_weight_tensor(nodes[name]) for name, p in self.plan.items() if p == INT8 and name in nodes]
+        return bool(found) and all(f is not None and f[0].dtype == ir.DataType.FLOAT for f in found)
+
     def _dynamic_token(self, graph, node, x, wq, ws, quantized_inputs, opset) -> None:
+        fused = self._float == np.float32 and opset >= BLOCKED_QUANTIZE_OPSET
         if x.name not in quantized_inputs:
-            nodes, xq, x_scale = self._token_quantizer(graph, x, opset, self._float)
+            if fused:
+                nodes, xq, x_scale = self._blocked_token_quantizer(graph, x, wq.const_value.shape[0],
+                                                                   self._row_zero_points)
+            else:
+                nodes, xq, x_scale = self._token_quantizer(graph, x, opset, self._float)
             graph.insert_before(node, nodes)
             quantized_inputs[x.name] = (xq, x_scale)
         xq, x_scale = quantized_inputs[x.name]
         stem = wq.name.removesuffix(".weight_int8")
         a_zero = new_initializer(graph, f"{stem}.act_zero_point", np.array(128, dtype=np.uint8))
-        matmul = ir.node("MatMulInteger", [xq, wq, a_zero], name=f"{stem}/MatMulInteger")
         float_type = ir.DataType.FLOAT16 if self._float == np.float16 else ir.DataType.FLOAT
-        if float_type != ir.DataType.FLOAT:  # the graph computes in float16: so do the rescaling Muls
-            ws.const_value = ir.tensor(ws.const_value.numpy().astype(self._float), name=ws.name)
-            ws.dtype = float_type
-        to_float = ir.node("Cast", [matmul.outputs[0]], attributes={"to": float_type}, name=f"{stem}/Cast")
-        scale_rows = ir.node("Mul", [to_float.outputs[0], x_scale], name=f"{stem}/token_scale")
-        scale_cols = ir.node("Mul", [scale_rows.outputs[0], ws], name=f"{stem}/weight_scale_mul")
-        for index, new in enumerate((matmul, to_float, scale_rows, scale_cols)):
-            new.outputs[0].name = f"{stem}/int8_{index}"
-        graph.insert_before(node, [matmul, to_float, scale_rows, scale_cols])
+        if fused:
+            matmul = ir.node("MatMulIntegerToFloat", [xq, wq, x_scale, ws, a_zero], domain="com.microsoft",
+                             name=f"{stem}/MatMulIntegerToFloat")
+            matmul.outputs[0].name = f"{stem}/int8_matmul"
+            new_nodes = [matmul]
+        else:
+            matmul = ir.node("MatMulInteger", [xq, wq, a_zero], name=f"{stem}/MatMulInteger")
+            if float_type != ir.DataType.FLOAT:  # the graph computes in float16: so do the rescaling Muls
+                ws.const_value = ir.tensor(ws.const_value.numpy().astype(self._float), name=ws.name)
+                ws.dtype = float_type
+            to_float = ir.node("Cast", [matmul.outputs[0]], attributes={"to": float_type}, name=f"{stem}/Cast")
+            scale_rows = ir.node("Mul", [to_float.outputs[0], x_scale], name=f"{stem}/token_scale")
+            scale_cols = ir.node("Mul", [scale_rows.outputs[0], ws], name=f"{stem}/weight_scale_mul")
+            new_nodes = [matmul, to_float, scale_rows, scale_cols]
+            for index, new in enumerate(new_nodes):
+                new.outputs[0].name = f"{stem}/int8_{index}"
+        graph.insert_before(node, new_nodes)
         output = node.outputs[0]
-        result = scale_cols.outputs[0]
+        result = new_nodes[-1].outputs[0]
         result.dtype = output.dtype or float_type
         result.shape = output.shape
         old_weight = node.inputs[1]
@@ -226,6 +278,50 @@ class QdqInsertionPass(ir.passes.InPlacePass):
             output.name = f"{name}/float_matmul"
             result.name = name
         self._drop_if_unused(graph, old_weight)
+
+    @staticmethod
+    def _blocked_token_quantizer(graph, x, k: int, zero_points: dict[str, ir.Value]):
+        """Per-row scales ``max(max(ReduceMax(x), -ReduceMin(x)) / 127, min_scale)`` and the uint8 codes
+        ``QuantizeLinear(x, s, 128, axis=-1, block_size=K)`` (opset 21: one block per row). Its zero
+        point must have the scale's shape ``[..., rows, 1]`` (``Expand`` of 128): activations whose
+        leading dims are known and equal (named or fixed, e.g. ``[batch, sequence]``) share one, named
+        ``token_zero_point_u8(<dims>)`` and kept in ``zero_points``."""
+        name = x.name
+        c127 = new_initializer(graph, f"{name}/c127", np.array(127.0, dtype=np.float32))
+        eps = new_initializer(graph, f"{name}/min_scale", np.array(MIN_TOKEN_SCALE, dtype=np.float32))
+        axes = new_initializer(graph, f"{name}/last_axis", np.array([-1], dtype=np.int64))
+        zero = new_initializer(graph, f"{name}/zero_point_u8", np.array(128, dtype=np.uint8))
+        row_max = ir.node("ReduceMax", [x, axes], attributes={"keepdims": 1}, name=f"{name}/token_max")
+        row_min = ir.node("ReduceMin", [x, axes], attributes={"keepdims": 1}, name=f"{name}/token_min")
+        negated = ir.node("Neg", [row_min.outputs[0]], name=f"{name}/token_neg_min")
+        abs_max = ir.node("Max", [row_max.outputs[0], negated.outputs[0]], name=f"{name}/token_abs_max")
+        scale = ir.node("Div", [abs_max.outputs[0], c127], name=f"{name}/token_scale_raw")
+        safe_scale = ir.node("Max", [scale.outputs[0], eps], name=f"{name}/token_scale")
+        nodes = [row_max, row_min, negated, abs_max, scale, safe_scale]
+        rows = None if x.shape is None else ir.Shape([*list(x.shape)[:-1], 1])
+        key = _leading_dims(x)
+        shared = None if key is None else f"{ROW_ZERO_POINT}({','.join(map(str, key))})"
+        zeros = zero_points.get(shared) if shared is not None else None
+        new_zeros = []
+        if zeros is None:
+            shape = ir.node("Shape", [safe_scale.outputs[0]], name=f"{name}/token_scale_shape")
+            expand = ir.node("Expand", [zero, shape.outputs[0]], name=f"{name}/token_zero_point")
+            new_zeros = [shape, expand]
+            zeros = expand.outputs[0]
+        quantize = ir.node("QuantizeLinear", [x, safe_scale.outputs[0], zeros],
+                           attributes={"axis": -1, "block_size": int(k)}, name=f"{name}/token_QuantizeLinear")
+        nodes += [*new_zeros, quantize]
+        for index, new in enumerate(nodes):
+            new.outputs[0].name = f"{name}/token_q{index}"
+        if new_zeros:
+            zeros.dtype, zeros.shape = ir.DataType.UINT8, rows
+            if shared is not None:
+                zeros.name = shared
+                zero_points[shared] = zeros
+        for new in (row_max, row_min, negated, abs_max, scale, safe_scale):
+            new.outputs[0].dtype, new.outputs[0].shape = ir.DataType.FLOAT, rows
+        quantize.outputs[0].dtype, quantize.outputs[0].shape = ir.DataType.UINT8, x.shape
+        return nodes, quantize.outputs[0], safe_scale.outputs[0]
 
     @staticmethod
     def _token_quantizer(graph, x, opset, float_dtype=np.float32):

@@ -120,7 +120,7 @@ def test_pure_helpers(bench):
 
 @pytest.mark.parametrize("argv", [["--peers", "float,nope"], ["--graphq", "nameonly"], ["--windows", "0"],
                                   ["--recipe", "../x"], ["--recipe", "w4-rtn", "--graphq", "graphq:w4-rtn=x.onnx"],
-                                  ["--no-such-option"]])
+                                  ["--no-such-option"], ["--prefill-tokens", "0"], ["--prefill-tokens", "513"]])
 def test_bad_arguments_exit_2(bench, argv, tiny_llama_past_onnx, tmp_path):
     assert bench.main(["--model", str(tiny_llama_past_onnx.parent), "--work-dir", str(tmp_path), *argv]) == 2
 

@@ -155,7 +155,7 @@ def test_w8a8_on_encoder(tiny_bert_onnx, float_embeddings, calibration, tmp_path
     result = quantize_model(tiny_bert_onnx, tmp_path / "q.onnx", recipe, progress=False)
     linear = 12  # 2 layers x (q, k, v, attention output, intermediate, output)
     assert sum(p == "int8" for p in result.plan.values()) == linear
-    assert result.integer_kernels.get("MatMulInteger") == linear
+    assert result.integer_kernels.get("MatMulIntegerToFloat") == linear - 2 * 2  # q/k/v packed into one per layer
     # The LayerNorm outputs feed q/k/v or the MLP and the residual: smoothed on the MatMul branch only.
     assert collections.Counter(result.smoothing.values()) == {"explicit-mul-shared": 4, "explicit-mul": 4}
     # Kept in float: 5 LayerNorms, 2 Softmax, 2 Erf, 4 residual Adds (behind the bias Adds).

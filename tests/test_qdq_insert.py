@@ -70,7 +70,10 @@ def test_dynamic_per_token_structure_and_numerics(tmp_path):
     result = QdqInsertionPass({"proj": "int8"}, QdqConfig("dynamic-token"))(model)
 
     ops = [n.op_type for n in result.model.graph]
-    assert "MatMulInteger" in ops and "MatMul" not in ops and ops[-1] == "Softmax"
+    # float32: per-row blocked QuantizeLinear (no Abs copy) and one MatMulIntegerToFloat (opset raised to 21)
+    assert "MatMulIntegerToFloat" in ops and "QuantizeLinear" in ops and ops[-1] == "Softmax"
+    assert not {"MatMul", "MatMulInteger", "Cast", "Abs", "Round"} & set(ops)
+    assert result.model.opset_imports[""] == 21 and result.model.opset_imports["com.microsoft"] == 1
     onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
     (actual,) = run_model(result.model, {"x": X}, tmp_path)
     np.testing.assert_allclose(actual, _softmax(_reference_per_token()), rtol=1e-5, atol=1e-6)
@@ -81,7 +84,36 @@ def test_dynamic_per_token_structure_and_numerics(tmp_path):
     assert token_error < static_error
     path = tmp_path / "dynamic.onnx"
     ir.save(result.model, path)
-    assert ort_kernel_counts(path).get("MatMulInteger") == 1
+    assert ort_kernel_counts(path).get("MatMulIntegerToFloat") == 1
+
+
+def test_dynamic_per_token_codes_match_the_op_chain(tmp_path):
+    """The blocked QuantizeLinear gives the same uint8 codes and scales as Abs/ReduceMax/Div/Round/Add/Cast."""
+    fused = QdqInsertionPass({"proj": "int8"}, QdqConfig("dynamic-token"))
+    model = fused(_matmul_model()).model
+    graph = model.graph
+    codes = next(n for n in graph if n.op_type == "QuantizeLinear").outputs[0]
+    scale = next(n for n in graph if n.op_type == "MatMulIntegerToFloat").inputs[2]
+    graph.outputs.extend([codes, scale])
+    _, actual_codes, actual_scale = run_model(model, {"x": X}, tmp_path)
+    expected_scale = np.maximum(np.abs(X).max(axis=-1, keepdims=True) / np.float32(127), np.float32(1e-8))
+    np.testing.assert_array_equal(actual_scale, expected_scale)
+    np.testing.assert_array_equal(actual_codes, (np.round(X / expected_scale) + 128).astype(np.uint8))
+
+
+def test_dynamic_per_token_float16_keeps_the_op_chain(tmp_path):
+    """No float16 MatMulIntegerToFloat kernel on the CPU EP: float16 graphs keep MatMulInteger + Muls."""
+    model = _matmul_model()
+    weight = model.graph.initializers["w"]
+    weight.const_value = ir.tensor(W.astype(np.float16), name="w")
+    cast = ir.node("Cast", [model.graph.inputs[0]], attributes={"to": ir.DataType.FLOAT16}, name="to_half")
+    cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT16, ir.Shape([2, 5, 16])
+    model.graph.insert_before(model.graph.node(0), cast)
+    model.graph.node("proj").replace_input_with(0, cast.outputs[0])
+    result = QdqInsertionPass({"proj": "int8"}, QdqConfig("dynamic-token"))(model)
+    ops = [n.op_type for n in result.model.graph]
+    assert "MatMulInteger" in ops and "MatMulIntegerToFloat" not in ops and "QuantizeLinear" not in ops
+    assert result.model.opset_imports[""] == 18
 
 
 def test_float_plan_changes_nothing():

@@ -40,10 +40,13 @@ def test_recipe_end_to_end(name, tiny_llama_onnx, float_ppl, tmp_path):
     # q, k, v, o, gate, up, down per layer, and the LM head unless the recipe keeps it float.
     assert quantized == 2 * 7 + (0 if recipe.float_nodes else 1)
     assert all(p == "float" for n, p in result.plan.items() if n.startswith("/lm_head/")) == bool(recipe.float_nodes)
-    kernel = "MatMulInteger" if recipe.activations.activation_scheme == "dynamic-token" else "MatMulIntegerToFloat"
+    kernel = "MatMulIntegerToFloat"
     # int8 activations with zero point 0 (TensorRT) fuse on the CPU EP only where a quantized tensor
-    # has one consumer: o_proj and down_proj in each layer.
+    # has one consumer: o_proj and down_proj in each layer. Packed recipes: one MatMul per q/k/v and
+    # per gate/up group (7 -> 4 per layer).
     expected_fused = quantized if recipe.activations.target == "cpu" else 4
+    if recipe.pack_matmuls:
+        expected_fused -= 3 * 2
     if recipe.peg is not None:  # one integer MatMul per channel group
         expected_fused *= recipe.peg.groups
     assert result.integer_kernels.get(kernel) == expected_fused
@@ -85,9 +88,9 @@ def test_cli_quantize_writes_model_report_and_recipe(tiny_llama_onnx, tmp_path, 
     report = json.loads(out.with_suffix(".graphq.json").read_text())
     assert report["recipe"]["smoothquant"]["alpha"] == 0.4
     assert len(report["quantized_nodes"]) == 14 and report["float_nodes"] == ["/lm_head/MatMul"]
-    assert report["integer_kernels_in_ort_graph"] == {"MatMulInteger": 14}
+    assert report["integer_kernels_in_ort_graph"] == {"MatMulIntegerToFloat": 8}  # q/k/v and gate/up packed
     assert load_recipe(str(tmp_path / "used.yaml")).calibration.windows == 2
-    assert "MatMulInteger" in capsys.readouterr().out
+    assert "MatMulIntegerToFloat" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -92,7 +92,8 @@ def test_w8a8_streamed_matches_in_memory(synthetic_fp32, tmp_path):
     streamed = quantize_model(synthetic_fp32, tmp_path / "s" / "model.onnx", recipe, progress=False, streamed=True)
     _assert_same_model(memory.model_path, streamed.model_path)
     assert streamed.smoothing == memory.smoothing
-    assert streamed.integer_kernels == {"MatMulInteger": 3 * 7}  # 3 layers x 7 projections, head float
+    # 3 layers x (packed q/k/v, o, packed gate/up, down), head float; one per-token quantizer per input
+    assert streamed.integer_kernels == {"MatMulIntegerToFloat": 3 * 4, "QuantizeLinear": 3 * 4}
 
 
 def test_w8a8_streamed_float16_runs(synthetic_fp16, tmp_path):

@@ -2,7 +2,7 @@
 
     python tools/bench_speed.py --model DIR [--hf HF_DIR] [--peers float,ort-dynamic,ort-nbits-rtn-g128,genai-int4,genai-int4-og]
         [--graphq NAME=PATH.onnx ...] [--recipe RECIPE ...] [--threads 2] [--repeats 5]
-        [--windows 40 | --no-ppl] [--genai-python PYTHON] [--genai-model DIR] [--work-dir runs/bench-speed] [--json PATH]
+        [--prefill-tokens 512] [--windows 40 | --no-ppl] [--genai-python PYTHON] [--genai-model DIR] [--work-dir runs/bench-speed] [--json PATH]
 
 Protocol (DESIGN.md "Benchmark protocol"; every number comes from this one run):
 
@@ -37,6 +37,8 @@ Protocol (DESIGN.md "Benchmark protocol"; every number comes from this one run):
   warm-up per peer before the first round.
 - Prefill (graphq.evaluate.prefill_seconds): one forward pass over the first 512-token test window
   from an empty cache, one warm-up + one timed run per round; tokens/s = 512 / seconds.
+  ``--prefill-tokens T`` times the first ``T`` tokens of that window instead (e.g. 32: the decode
+  prompt's prefill).
 - Interleaving: ``--repeats`` rounds; in round r every peer decodes once, then every peer prefills
   once, in the peer order rotated by r. Speed = median over rounds; ratio = median over rounds of
   (peer rate / float rate in the same round), so a slow spell on the shared machine hits both.
@@ -79,7 +81,7 @@ PEERS = ("float", *ORT_PEERS, GENAI, GENAI_OG)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 WINDOW_TOKENS, PROMPT_TOKENS, NEW_TOKENS = 512, 32, 128
 MARKER = ".bench_speed"  # in every peer folder this tool writes: only such folders are ever replaced
-KERNEL_OPS = ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "DequantizeLinear",
+KERNEL_OPS = ("MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear", "QLinearMatMul", "DequantizeLinear",
               "GatherBlockQuantized", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -99,6 +101,7 @@ class SpeedConfig:
     genai_model: Path | None = None
     threads: int = 2
     repeats: int = 5
+    prefill_tokens: int = WINDOW_TOKENS
     windows: int = 40
     perplexity: bool = True
     work_dir: Path = Path("runs/bench-speed")
@@ -246,8 +249,9 @@ def kernels_text(kernels: dict) -> str:
         blocks = "/".join(str(b) for b in kernels["matmulnbits_block_size"])
         levels = "/".join(str(a) for a in kernels["matmulnbits_accuracy_level"])
         parts.append(f"nbits x{kernels['MatMulNBits']} g{blocks} acc{levels}")
-    if "MatMulInteger" in kernels:
-        parts.append(f"int8 x{kernels['MatMulInteger']}")
+    integer = kernels.get("MatMulInteger", 0) + kernels.get("MatMulIntegerToFloat", 0)
+    if integer:
+        parts.append(f"int8 x{integer}")
     if "GroupQueryAttention" in kernels:
         parts.append("GQA")
     return ", ".join(parts) or "float"
@@ -535,7 +539,7 @@ def measure(config: SpeedConfig, candidates: list[Candidate]) -> list[Row]:
     from graphq.evaluate import model_file_bytes
 
     windows = wikitext_windows(config, config.windows if config.perplexity else 1)
-    prompt, window = windows[0][:PROMPT_TOKENS], windows[0]
+    prompt, window = windows[0][:PROMPT_TOKENS], windows[0][:config.prefill_tokens]
     runners, status = {}, {c.name: c.status for c in candidates}
     for candidate in candidates:
         if candidate.status != "ok":
@@ -604,7 +608,8 @@ def protocol_of(config: SpeedConfig) -> dict:
         "model": str(config.model_path),
         "decode": f"batch 1, first {PROMPT_TOKENS} tokens of wiki.test.raw as prompt, {NEW_TOKENS} greedy tokens "
                   "with the KV cache; tokens/s of the decode steps (graphq.evaluate.greedy_decode)",
-        "prefill": f"first {WINDOW_TOKENS}-token window of wiki.test.raw, empty cache, warm-up + timed run per round",
+        "prefill": f"first {config.prefill_tokens} tokens of wiki.test.raw, empty cache, warm-up + timed run per round",
+        "prefill_tokens": config.prefill_tokens,
         "rounds": f"{config.repeats} rounds, peers rotated each round; speed = median; ratio = median of per-round "
                   "ratios to float",
         "perplexity": (f"wiki.test.raw, first {config.windows} windows x {WINDOW_TOKENS} tokens"
@@ -683,6 +688,8 @@ def parse_args(argv: list[str]) -> tuple[SpeedConfig, int]:
     parser.add_argument("--genai-model", type=Path, default=None, help="an already built genai folder (skips the builder)")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds, median (default: %(default)s)")
+    parser.add_argument("--prefill-tokens", type=int, default=WINDOW_TOKENS,
+                        help="tokens of the timed prefill, at most %(default)s (default: %(default)s)")
     parser.add_argument("--windows", type=int, default=40, help="perplexity windows (default: %(default)s)")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-speed"),
@@ -692,9 +699,11 @@ def parse_args(argv: list[str]) -> tuple[SpeedConfig, int]:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     args = parser.parse_args(argv)
 
-    for name in ("threads", "repeats", "windows"):
+    for name in ("threads", "repeats", "windows", "prefill_tokens"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.prefill_tokens > WINDOW_TOKENS:
+        raise UsageError(f"--prefill-tokens must be at most {WINDOW_TOKENS}, got {args.prefill_tokens}")
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -709,7 +718,7 @@ def parse_args(argv: list[str]) -> tuple[SpeedConfig, int]:
     config = SpeedConfig(
         model_dir=args.model, peers=peers, graphq_models=graphq_models, recipes=tuple(args.recipe),
         hf_dir=args.hf, genai_python=args.genai_python, genai_model=args.genai_model, threads=args.threads,
-        repeats=args.repeats, windows=args.windows, perplexity=not args.no_ppl, work_dir=args.work_dir,
+        repeats=args.repeats, prefill_tokens=args.prefill_tokens, windows=args.windows, perplexity=not args.no_ppl, work_dir=args.work_dir,
         json_path=args.json,
     )
     names = config.names
