@@ -215,11 +215,22 @@ def _clip_ratios(clip_ratio: float | np.ndarray, shape: tuple[int, ...]) -> np.n
     return np.broadcast_to(ratio, shape)
 
 
+def _group_extremes(grouped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group ``min w`` and ``max w`` along axis -2, as float64 (exact: no rounding in min/max)."""
+    return grouped.min(axis=-2).astype(np.float64), grouped.max(axis=-2).astype(np.float64)
+
+
 def _params_from_groups(grouped: np.ndarray, config: WeightQuantConfig, ratio: np.ndarray | float = 1.0
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Scales (float32) and zero points (uint8) for groups along axis -2: ``[..., G, N] -> [..., N]``."""
-    lo = np.minimum(grouped.min(axis=-2), 0.0) * ratio
-    hi = np.maximum(grouped.max(axis=-2), 0.0) * ratio
+    return _params_from_extremes(*_group_extremes(grouped), config, ratio)
+
+
+def _params_from_extremes(low: np.ndarray, high: np.ndarray, config: WeightQuantConfig,
+                          ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points from each group's float64 ``min w`` and ``max w`` (module docstring)."""
+    lo = np.minimum(low, 0.0) * ratio
+    hi = np.maximum(high, 0.0) * ratio
     if config.symmetric:
         extreme = np.where(hi >= -lo, hi, lo)  # the signed value of largest magnitude
         scale = (extreme / -config.symmetric_zero_point).astype(np.float32)
@@ -236,6 +247,28 @@ def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int) -> np.
     """``clip(round(w / s) + z, 0, qmax)`` (uint8), with ``s`` and ``z`` broadcasting against ``w``."""
     q = np.rint(w / scale.astype(np.float64)) + zero
     return np.clip(q, 0, qmax).astype(np.uint8)
+
+
+def _codes_float32(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int) -> np.ndarray:
+    """:func:`_codes` for float32 ``w`` and ``s``, bit for bit, at float32 cost.
+
+    Division is correctly rounded in both precisions and rounding is monotone, so ``rint`` of the
+    float32 quotient ``fl32(w / s)`` equals ``rint`` of the float64 one except where ``fl32(w / s)`` is
+    exactly a half-integer (a float64 tie is also a float32 tie: a value within half a float64 ulp of
+    ``n + 1/2`` rounds to it in float32 too); only those elements are recomputed in float64."""
+    q = np.divide(w, scale)
+    codes = np.rint(q)
+    np.subtract(q, codes, out=q)
+    ties = np.abs(q, out=q) == 0.5
+    del q
+    if ties.any():
+        where = np.unravel_index(np.flatnonzero(ties), ties.shape)  # flatnonzero: ~15x faster than nonzero
+        exact = w[where].astype(np.float64) / np.broadcast_to(scale, w.shape)[where].astype(np.float64)
+        codes[where] = np.clip(np.rint(exact), -qmax - 1, qmax + 1)  # the final clip gives the same codes
+    del ties
+    codes += zero
+    np.clip(codes, 0, qmax, out=codes)
+    return codes.astype(np.uint8)
 
 
 def group_params(weight: np.ndarray, config: WeightQuantConfig, *, clip_ratio: float | np.ndarray = 1.0,
@@ -292,8 +325,22 @@ def quantize_rtn(weight: np.ndarray, config: WeightQuantConfig, *, clip_ratio: f
 
 def _quantize_rtn(weight: np.ndarray, *, config: WeightQuantConfig, clip_ratio: float | np.ndarray = 1.0,
                   pad: bool = False) -> QuantizedWeight:
-    scales, zeros = group_params(weight, config, clip_ratio=clip_ratio, pad=pad)
-    return quantize_with_params(weight, scales, zeros, config, pad=pad)
+    """:func:`group_params` then :func:`quantize_with_params`, bit for bit, in one pass over the groups:
+    float16 and float32 weights are worked on in float32 (exact for both; :func:`_codes_float32`), with
+    no ``[K, N]`` gather of scales, and non-finite values are caught through the group extremes."""
+    w = np.asarray(weight)
+    if w.ndim != 2 or w.size == 0:
+        raise ValueError(f"expected a non-empty 2-D weight [K, N], got shape {w.shape}")
+    w = w.astype(np.float32 if w.dtype in (np.float16, np.float32) else np.float64, copy=False)
+    k, n = w.shape
+    grouped = _group_view(w, config.group_length(k, pad=pad))
+    low, high = _group_extremes(grouped)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):  # min and max propagate NaN and infinity
+        raise ValueError("the weight contains NaN or infinity")
+    scales, zeros = _params_from_extremes(low, high, config, _clip_ratios(clip_ratio, low.shape))
+    codes = _codes_float32 if w.dtype == np.float32 else _codes
+    q = codes(grouped, scales[:, None, :], zeros[:, None, :], config.qmax).reshape(-1, n)[:k]
+    return QuantizedWeight(q, scales, zeros, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,9 +623,26 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
         raise ValueError(f"codes exceed {2**bits - 1} for {bits} bits")
     k, n = codes.shape
     n_blocks = -(-k // block_size)
-    padded = np.zeros((n, n_blocks * block_size), dtype=np.uint8)
-    padded[:, :k] = codes.T
-    return _pack_last_axis(padded, bits).reshape(n, n_blocks, block_size // per_byte)
+    rows = n_blocks * block_size
+    if rows != k or codes.dtype != np.uint8:
+        padded = np.zeros((rows, n), dtype=np.uint8)
+        padded[:k] = codes
+        codes = padded
+    packed = np.zeros((rows // per_byte, n), dtype=np.uint8)  # packed along K first: contiguous rows
+    for j in range(per_byte):
+        packed |= codes[j::per_byte] << np.uint8(bits * j)
+    return _transposed(packed).reshape(n, n_blocks, block_size // per_byte)
+
+
+def _transposed(array: np.ndarray, tile: int = 256) -> np.ndarray:
+    """A C-contiguous copy of ``array.T`` (2-D), copied tile by tile: several times faster than numpy's
+    strided copy for large byte matrices, which misses the cache on every element."""
+    rows, cols = array.shape
+    out = np.empty((cols, rows), dtype=array.dtype)
+    for r in range(0, rows, tile):
+        for c in range(0, cols, tile):
+            out[c:c + tile, r:r + tile] = array[r:r + tile, c:c + tile].T
+    return out
 
 
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
