@@ -164,7 +164,7 @@ class HessianAccumulator:
         self._abs_sum: np.ndarray | None = None
 
     def update(self, array: np.ndarray) -> None:
-        self.hessian, self.count = hessian_accumulate(self.hessian, array, self.count)
+        self.hessian, self.count = hessian_accumulate(self.hessian, array, self.count, in_place=True)
         abs_sum = np.abs(np.asarray(array, dtype=np.float64)).reshape(-1, array.shape[-1]).sum(axis=0)
         self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
 

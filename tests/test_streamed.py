@@ -174,3 +174,31 @@ def test_release_keeps_a_viewed_map_open(synthetic_fp16):
     expected = view.copy()
     release(value)
     np.testing.assert_array_equal(view, expected)
+
+
+def test_verify_by_stage(synthetic_fp16, tmp_path, monkeypatch, caplog):
+    """Outputs above WHOLE_SESSION_MAX_BYTES run one stage (block) per ONNX Runtime session: a good W8A8
+    output passes with the same report as one session; a non-finite block fails either way."""
+    import logging
+
+    from graphq import streaming
+    from graphq.errors import VerificationError
+
+    result = quantize_model(synthetic_fp16, tmp_path / "s" / "model.onnx", _small(RECIPES["w8a8"]), progress=False,
+                            streamed=True)
+    whole = verify_streamed(result.model_path, by_stage=False)
+    monkeypatch.setattr(streaming, "WHOLE_SESSION_MAX_BYTES", 0)  # default dispatch: by stage
+    with caplog.at_level(logging.INFO, logger="graphq.streaming"):
+        staged = verify_streamed(result.model_path)
+    assert any("stages ran" in record.message for record in caplog.records)
+    assert (staged.input_names, staged.output_names) == (whole.input_names, whole.output_names)
+
+    model = load_model(synthetic_fp16)  # a float model whose last block gives NaN
+    down = model.graph.initializers["model.layers.2.mlp.down_proj.weight"]
+    down.const_value = ir.tensor(np.full(down.const_value.shape, np.nan, dtype=np.float16), name=down.name)
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    save_streamed(model, folder / "model.onnx", ExternalDataSink(folder, "model.onnx.data"))
+    for by_stage in (True, False):
+        with pytest.raises(VerificationError, match="not finite"):
+            verify_streamed(folder / "model.onnx", by_stage=by_stage)

@@ -234,6 +234,33 @@ def test_hessian_accumulate_equals_batch_formula():
     np.testing.assert_allclose(h3, h, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError):
         hessian_accumulate(h, x[:, :10], count)
+    inplace, count = None, 0
+    for start, stop in ((0, 100), (100, 101), (101, 101), (101, M)):
+        before = inplace
+        inplace, count = hessian_accumulate(inplace, x[start:stop], count, in_place=True)
+        assert before is None or inplace is before  # updated in place: no K x K copies
+    np.testing.assert_array_equal(inplace, h)
+
+
+@pytest.mark.parametrize("k", [5, 256, 300, 600])
+def test_inverse_cholesky_upper_blocked_in_place(k):
+    """The blocked in-place factor equals the definition U^T U = (H_P + lambda I)^-1 (H_P: H in the
+    given order, zero diagonal entries set to 1), upper triangular, and leaves H untouched."""
+    from graphq.numerics.weight_only import _inverse_cholesky_upper
+
+    x = _correlated_inputs(m=2 * k, k=k).astype(np.float64)
+    x[:, 2] = 0.0  # a dead input
+    h = _hessian(x)
+    order = np.random.default_rng(0).permutation(k)
+    kept = h.copy()
+    upper = _inverse_cholesky_upper(h, 0.01, order=order)
+    np.testing.assert_array_equal(h, kept)
+    hp = h[np.ix_(order, order)]
+    hp[np.diag_indices(k)] = np.where(np.diag(hp) == 0, 1.0, np.diag(hp))
+    damped = hp + 0.01 * np.mean(np.diag(hp)) * np.eye(k)
+    np.testing.assert_array_equal(upper, np.triu(upper))
+    assert (np.diag(upper) > 0).all()
+    np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(k), atol=1e-9)
 
 
 def _reference_gptq(w, h, config, damp=0.01):

@@ -347,11 +347,13 @@ def _quantize_rtn(weight: np.ndarray, *, config: WeightQuantConfig, clip_ratio: 
 # GPTQ
 
 
-def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *, in_place: bool = False
+                       ) -> tuple[np.ndarray, int]:
     """Fold a batch ``x [..., K]`` (``m`` rows) into the running ``H = 2 X^T X / n`` of ``count`` rows.
 
     ``H <- H n / (n + m) + 2 / (n + m) x^T x`` in float64; start with ``(None, 0)``. Returns the new
-    ``(H, count)``; an empty batch changes nothing.
+    ``(H, count)``; an empty batch changes nothing. ``in_place`` updates a float64 ``hessian`` itself
+    (same values; one ``K x K`` temporary instead of three: 1 GB each for a 7B ``down_proj``).
     """
     x = np.asarray(x)
     if x.ndim == 0:
@@ -372,30 +374,93 @@ def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int) ->
     if not np.isfinite(rows).all():
         raise ValueError("the batch contains NaN or infinity")
     total = count + m
+    gram = rows.T @ rows
+    gram *= 2.0 / total
+    if in_place and hessian.dtype == np.float64:
+        hessian *= count / total
+        hessian += gram
+        return hessian, total
     updated = hessian.astype(np.float64) * (count / total)
-    updated += (2.0 / total) * (rows.T @ rows)
+    updated += gram
     return updated, total
 
 
-def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """Upper ``U`` with ``U^T U = (H + lambda I)^-1``, ``lambda = damp * mean(diag H)``, raised x10 on failure.
+FACTOR_BLOCK = 256  # block of the in-place Cholesky factorisation and triangular inverse
 
-    With ``J`` the reversal permutation and ``J (H + lambda I) J = M M^T`` (lower Cholesky),
-    ``(H + lambda I)^-1 = (J M^-1 J)^T (J M^-1 J)`` and ``J M^-1 J`` is upper triangular with a
+
+def _cholesky_lower_in_place(a: np.ndarray, block: int = FACTOR_BLOCK) -> None:
+    """``a <- L`` with ``L L^T = a`` (lower; zeros above the diagonal), left-looking by column blocks:
+    ``A[j:, J] -= L[j:, :j] L[J, :j]^T``, then the diagonal block's own Cholesky factor ``D`` and
+    ``L[e:, J] = A[e:, J] D^-T``. Temporaries are ``K x block``, not ``K x K`` as in ``np.linalg.cholesky``
+    (which copies its input and its output). Raises ``np.linalg.LinAlgError`` if ``a`` is not
+    positive definite (``a`` is then partly overwritten)."""
+    k = a.shape[0]
+    for j in range(0, k, block):
+        e = min(j + block, k)
+        if j:
+            a[j:, j:e] -= a[j:, :j] @ a[j:e, :j].T
+        d = np.linalg.cholesky(a[j:e, j:e])
+        a[j:e, j:e] = d
+        a[j:e, e:] = 0.0
+        if e < k:
+            a[e:, j:e] = a[e:, j:e] @ np.tril(np.linalg.inv(d)).T
+
+
+def _invert_lower_in_place(a: np.ndarray, block: int = FACTOR_BLOCK) -> None:
+    """``a <- L^-1`` for lower-triangular ``L``, by column blocks from the last:
+    ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]`` with ``C^-1`` already in place."""
+    k = a.shape[0]
+    for j in reversed(range(0, k, block)):
+        e = min(j + block, k)
+        inverse = np.tril(np.linalg.inv(a[j:e, j:e]))
+        a[j:e, j:e] = inverse
+        if e < k:
+            a[e:, j:e] = -(a[e:, e:] @ a[e:, j:e]) @ inverse
+
+
+def _reverse_in_place(a: np.ndarray) -> None:
+    """``a <- J a J`` (rows and columns reversed) without a ``K x K`` copy."""
+    k = a.shape[0]
+    for i in range(k // 2):
+        top = a[i, ::-1].copy()
+        a[i] = a[k - 1 - i, ::-1]
+        a[k - 1 - i] = top
+    if k % 2:
+        a[k // 2] = a[k // 2, ::-1].copy()
+
+
+def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarray | None = None) -> np.ndarray:
+    """Upper ``U`` with ``U^T U = (H_P + lambda I)^-1``, ``lambda = damp * mean(diag H_P)``, raised x10 on
+    failure, where ``H_P = H[order][:, order]`` with zero diagonal entries (inputs that never fired)
+    replaced by 1. ``hessian`` itself is not modified.
+
+    With ``J`` the reversal permutation and ``J (H_P + lambda I) J = M M^T`` (lower Cholesky),
+    ``(H_P + lambda I)^-1 = (J M^-1 J)^T (J M^-1 J)`` and ``J M^-1 J`` is upper triangular with a
     positive diagonal: the unique factor, from one factorisation.
-    """
+
+    Memory: one float64 ``K x K`` array, filled row by row with ``J H_P J`` and factorised, inverted
+    and reversed in place by blocks (:func:`_cholesky_lower_in_place`, :func:`_invert_lower_in_place`),
+    plus ``K x FACTOR_BLOCK`` temporaries; ``np.linalg.cholesky`` and ``np.linalg.inv`` would each copy
+    their input and output (about 5 ``K x K`` arrays, 1 GB each for a 7B ``down_proj``)."""
     k = hessian.shape[0]
-    mean_diag = float(np.mean(np.diag(hessian)))
+    reverse = (np.arange(k) if order is None else np.asarray(order))[::-1]
+    diagonal = np.diag(hessian)[reverse].astype(np.float64)
+    diagonal[diagonal == 0] = 1.0
+    mean_diag = float(np.mean(diagonal))
     if not mean_diag > 0:
         raise GraphqError("the GPTQ Hessian has a non-positive mean diagonal; the calibration inputs are unusable")
     fraction = damp
-    reversed_h = hessian[::-1, ::-1]
+    a = np.empty((k, k), dtype=np.float64)
     for attempt in range(_DAMP_RETRIES + 1):
+        for row, source in enumerate(reverse):
+            a[row] = hessian[source, reverse]
+        a[np.diag_indices(k)] = diagonal + fraction * mean_diag
         try:
-            lower = np.linalg.cholesky(reversed_h + fraction * mean_diag * np.eye(k))
-            upper = np.linalg.inv(lower)[::-1, ::-1]
-            if np.isfinite(upper).all() and (np.diag(upper) > 0).all():
-                return np.triu(upper)
+            _cholesky_lower_in_place(a)
+            _invert_lower_in_place(a)
+            _reverse_in_place(a)
+            if np.isfinite(a).all() and (np.diag(a) > 0).all():
+                return a
         except np.linalg.LinAlgError:
             pass
         if attempt == _DAMP_RETRIES:
@@ -427,7 +492,7 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
                    clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
     w = _as_weight(weight)
     k, n = w.shape
-    h = np.array(hessian, dtype=np.float64, copy=True)
+    h = np.asarray(hessian)  # not copied (1 GB in float64 for a 7B down_proj): read by _inverse_cholesky_upper
     if h.shape != (k, k):
         raise ValueError(f"Hessian shape {h.shape} does not match a weight with K = {k}")
     if not np.isfinite(h).all():
@@ -440,21 +505,21 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
     n_groups = -(-k // g)
     ratios = _clip_ratios(clip_ratio, (n_groups, n))
 
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    diagonal = np.diag(h).astype(np.float64)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0  # as H[k, k] = 1 (module docstring); _inverse_cholesky_upper does the same
     w[dead, :] = 0.0
 
     scales = np.empty((n_groups, n), dtype=np.float32)
     zeros = np.empty((n_groups, n), dtype=np.uint8)
     if act_order:
         scales[:], zeros[:] = _params_from_groups(_group_view(w, g), config, ratios)  # static groups
-        perm = np.argsort(-np.diag(h), kind="stable")
+        perm = np.argsort(-diagonal, kind="stable")
         w = w[perm]
-        h = h[np.ix_(perm, perm)]
     else:
         perm = np.arange(k)
     group_of = perm // g  # the original group of each processed row
-    upper = _inverse_cholesky_upper(h, damp)
+    upper = _inverse_cholesky_upper(h, damp, order=perm)
 
     codes = np.empty((k, n), dtype=np.uint8)
     for start in range(0, k, block_size):
