@@ -197,10 +197,11 @@ def gptq_columns(weight: np.ndarray, hessian: np.ndarray, config, *, damp: float
     """GPTQ of ``W [K, N]`` a block of columns at a time: columns never interact in GPTQ (the updates
     run along ``K`` within each column, and the order depends on ``H`` alone), so this equals one call on
     the whole weight with bounded memory (the tied LM head is ``576 x 49152``)."""
-    from graphq.numerics.weight_only import gptq_quantize
+    from graphq.numerics.weight_only import gptq_factor, gptq_quantize
 
-    parts = [gptq_quantize(weight[:, i:i + columns], hessian, config, damp=damp, act_order=act_order, pad=True)
-             for i in range(0, weight.shape[1], columns)]
+    factor = gptq_factor(hessian, damp=damp, act_order=act_order)  # H alone: once for every column block
+    parts = [gptq_quantize(weight[:, i:i + columns], hessian, config, damp=damp, act_order=act_order, pad=True,
+                           factor=factor) for i in range(0, weight.shape[1], columns)]
     if len(parts) == 1:
         return parts[0]
     return QuantizedWeight(np.concatenate([p.q for p in parts], axis=1), np.concatenate([p.scales for p in parts], axis=1),

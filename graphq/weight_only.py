@@ -50,6 +50,7 @@ from graphq.numerics.weight_only import (
     WeightQuantConfig,
     awq_clip_search,
     awq_search,
+    gptq_factor,
     gptq_quantize,
     hessian_accumulate,
     quantize_rtn,
@@ -271,6 +272,8 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
                 inverse = 1.0 / scales.astype(np.float64)
                 hessian = hessian * np.outer(inverse, inverse)
                 logger.debug("awq: %s folded (%s)", name, fold.applied[name])
+        # one factor of H for all the MatMuls reading this input (q/k/v, gate/up)
+        factor = gptq_factor(hessian, damp=recipe.gptq.damp, act_order=recipe.gptq.act_order) if gptq else None
         for node in members:
             weight = constant_weight(node)
             ratios = 1.0
@@ -280,9 +283,10 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
             if gptq:
                 quantized[node.name] = gptq_quantize(weight, hessian, config, damp=recipe.gptq.damp,
                                                      block_size=recipe.gptq.block_size, act_order=recipe.gptq.act_order,
-                                                     pad=recipe.pad_groups, clip_ratio=ratios)
+                                                     pad=recipe.pad_groups, clip_ratio=ratios, factor=factor)
             else:
                 quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
+        del factor
     return {node.name: quantized[node.name] for node in nodes}
 
 

@@ -347,13 +347,17 @@ def _quantize_rtn(weight: np.ndarray, *, config: WeightQuantConfig, clip_ratio: 
 # GPTQ
 
 
+HESSIAN_CHUNK_ELEMENTS = 1 << 24  # in-place accumulation adds x^T x in column blocks of this many elements
+
+
 def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *, in_place: bool = False
                        ) -> tuple[np.ndarray, int]:
     """Fold a batch ``x [..., K]`` (``m`` rows) into the running ``H = 2 X^T X / n`` of ``count`` rows.
 
     ``H <- H n / (n + m) + 2 / (n + m) x^T x`` in float64; start with ``(None, 0)``. Returns the new
-    ``(H, count)``; an empty batch changes nothing. ``in_place`` updates a float64 ``hessian`` itself
-    (same values; one ``K x K`` temporary instead of three: 1 GB each for a 7B ``down_proj``).
+    ``(H, count)``; an empty batch changes nothing. ``in_place`` updates a float64 ``hessian`` itself,
+    adding ``x^T x`` in column blocks (the same values up to the last bit; no ``K x K`` temporary, where
+    the copying form makes three: 1 GB each for a 7B ``down_proj``).
     """
     x = np.asarray(x)
     if x.ndim == 0:
@@ -374,14 +378,16 @@ def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *,
     if not np.isfinite(rows).all():
         raise ValueError("the batch contains NaN or infinity")
     total = count + m
-    gram = rows.T @ rows
-    gram *= 2.0 / total
     if in_place and hessian.dtype == np.float64:
         hessian *= count / total
-        hessian += gram
+        width = max(1, HESSIAN_CHUNK_ELEMENTS // k)
+        for start in range(0, k, width):  # x^T x by column blocks: a K x width temporary, not K x K
+            part = rows.T @ rows[:, start:start + width]
+            part *= 2.0 / total
+            hessian[:, start:start + width] += part
         return hessian, total
     updated = hessian.astype(np.float64) * (count / total)
-    updated += gram
+    updated += (2.0 / total) * (rows.T @ rows)
     return updated, total
 
 
@@ -475,51 +481,72 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarr
     )
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class GptqFactor:
+    """What GPTQ needs from ``H`` alone: the order rows are processed in (decreasing ``H[k, k]`` with
+    ``act_order``, else ``0 .. K-1``) and the upper factor ``U`` of that order
+    (:func:`_inverse_cholesky_upper`). MatMuls that share an input (q/k/v, gate/up) share it."""
+
+    order: np.ndarray
+    upper: np.ndarray
+
+
+def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = False) -> GptqFactor:
+    """:class:`GptqFactor` of ``H [K, K]`` (validated: square, finite, ``damp >= 0``)."""
+    h = np.asarray(hessian)  # not copied (1 GB in float64 for a 7B down_proj)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"expected a square Hessian, got shape {h.shape}")
+    if not np.isfinite(h).all():
+        raise GraphqError("the GPTQ Hessian contains NaN or infinity; check the calibration inputs")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    diagonal = np.diag(h).astype(np.float64)
+    diagonal[diagonal == 0] = 1.0  # inputs that never fired: H[k, k] = 1 (module docstring)
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(h.shape[0])
+    return GptqFactor(order, _inverse_cholesky_upper(h, damp, order=order))
+
+
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantConfig, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, pad: bool = False,
-                  clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
+                  clip_ratio: float | np.ndarray = 1.0, factor: GptqFactor | None = None) -> QuantizedWeight:
     """GPTQ of ``W [K, N]`` given ``H [K, K]`` (:func:`hessian_accumulate`); see the module docstring.
 
     ``clip_ratio`` (a scalar or ``[n_groups, N]``, e.g. from :func:`awq_clip_search`) shrinks each
     group's range before its scale is taken, as in :func:`quantize_rtn`. Columns are independent
-    (the error feedback runs along K), so weights above :data:`GPTQ_CHUNK_ELEMENTS` go in column chunks."""
+    (the error feedback runs along K), so weights above :data:`GPTQ_CHUNK_ELEMENTS` go in column chunks,
+    all with one :func:`gptq_factor` of ``H`` (``factor``: one computed by the caller with the same
+    ``damp`` and ``act_order``, e.g. for several weights that read the same input)."""
+    if factor is None:
+        if np.ndim(weight) != 2 or np.shape(hessian) != (np.shape(weight)[0],) * 2:
+            raise ValueError(f"Hessian shape {np.shape(hessian)} does not match a weight of shape {np.shape(weight)}")
+        factor = gptq_factor(hessian, damp=damp, act_order=act_order)
     return by_column_chunks(_gptq_quantize, weight, GPTQ_CHUNK_ELEMENTS, clip_ratio, hessian=hessian, config=config,
-                            damp=damp, block_size=block_size, act_order=act_order, pad=pad)
+                            factor=factor, block_size=block_size, act_order=act_order, pad=pad)
 
 
-def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQuantConfig, damp: float = 0.01,
+def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQuantConfig, factor: GptqFactor,
                    block_size: int = 128, act_order: bool = False, pad: bool = False,
                    clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
     w = _as_weight(weight)
     k, n = w.shape
-    h = np.asarray(hessian)  # not copied (1 GB in float64 for a 7B down_proj): read by _inverse_cholesky_upper
-    if h.shape != (k, k):
+    h = np.asarray(hessian)
+    if h.shape != (k, k) or factor.upper.shape != (k, k):
         raise ValueError(f"Hessian shape {h.shape} does not match a weight with K = {k}")
-    if not np.isfinite(h).all():
-        raise GraphqError("the GPTQ Hessian contains NaN or infinity; check the calibration inputs")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
     g = config.group_length(k, pad=pad)
     n_groups = -(-k // g)
     ratios = _clip_ratios(clip_ratio, (n_groups, n))
 
-    diagonal = np.diag(h).astype(np.float64)
-    dead = diagonal == 0
-    diagonal[dead] = 1.0  # as H[k, k] = 1 (module docstring); _inverse_cholesky_upper does the same
-    w[dead, :] = 0.0
+    w[np.diag(h) == 0, :] = 0.0  # inputs that never fired
 
     scales = np.empty((n_groups, n), dtype=np.float32)
     zeros = np.empty((n_groups, n), dtype=np.uint8)
+    perm, upper = factor.order, factor.upper
     if act_order:
         scales[:], zeros[:] = _params_from_groups(_group_view(w, g), config, ratios)  # static groups
-        perm = np.argsort(-diagonal, kind="stable")
         w = w[perm]
-    else:
-        perm = np.arange(k)
     group_of = perm // g  # the original group of each processed row
-    upper = _inverse_cholesky_upper(h, damp, order=perm)
 
     codes = np.empty((k, n), dtype=np.uint8)
     for start in range(0, k, block_size):
