@@ -641,7 +641,7 @@ def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray 
 
 
 def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: WeightQuantConfig, *, grid: int = 20,
-                    max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 256,
+                    max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 4096,
                     hessian: np.ndarray | None = None) -> np.ndarray:
     """Per-group clip ratios ``[n_groups, N]`` (float64, for :func:`quantize_rtn`) minimising each group's
     output error ``mean_m (x_g[m] . (w_g - w_hat_g))^2`` on ``x_sample [M, K]``.
@@ -649,7 +649,10 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
     Candidates are ``1 - i / grid`` for ``i = 0 .. round(max_shrink * grid)``; ratio 1 comes first
     and is only replaced by a strictly smaller error, so no group gets worse than unclipped RTN.
     With ``x_sample=None``, the per-group Gram matrices are the diagonal blocks of ``hessian = 2 x^T x / M``
-    (the same minimiser: the error is a quadratic form in the group's rows). Works through ``column_chunk`` output columns at a time; memory is ``O(K (G + column_chunk))``.
+    (the same minimiser: the error is a quadratic form in the group's rows). Works one group of rows
+    and ``column_chunk`` output columns at a time: memory is ``O(G * column_chunk)``, and each
+    candidate costs one ``G x G`` by ``G x column_chunk`` product (few, large BLAS calls rather than
+    many small ones, which multi-threaded BLAS runs poorly on a busy machine).
     """
     w = _as_weight(weight)
     k, n = w.shape
@@ -663,36 +666,34 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
         h = np.asarray(hessian, dtype=np.float64)
         if h.shape != (k, k) or not np.isfinite(h).all():
             raise ValueError(f"expected a finite Hessian [{k}, {k}], got shape {h.shape}")
-        grams = np.zeros((n_groups, g, g), dtype=np.float64)
-        for index in range(n_groups):
-            rows = slice(index * g, min((index + 1) * g, k))
-            length = rows.stop - rows.start
-            grams[index, :length, :length] = h[rows, rows] / 2.0
+
+        def gram_of(rows: slice) -> np.ndarray:
+            return h[rows, rows] / 2.0
     else:
         if x_sample is None:
             raise ValueError("give a calibration sample x or its Hessian")
         x = np.asarray(x_sample, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != k or x.shape[0] == 0 or not np.isfinite(x).all():
             raise ValueError(f"expected a finite sample [M, {k}] with M > 0, got shape {x.shape}")
-        xg = _group_view(x.T, g)  # [n_groups, G, M], zero rows past K
-        grams = xg @ xg.transpose(0, 2, 1)  # [n_groups, G, G]: x_g^T x_g per group
+
+        def gram_of(rows: slice) -> np.ndarray:
+            return x[:, rows].T @ x[:, rows]  # x_g^T x_g
     ratios = [1.0 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
-    best_ratio = np.ones((grams.shape[0], n), dtype=np.float64)
-    for c0 in range(0, n, column_chunk):
-        chunk = w[:, c0:c0 + column_chunk]
-        grouped = _group_view(chunk, g)  # [n_groups, G, nc]
-        best_err = np.full(best_ratio[:, c0:c0 + column_chunk].shape, np.inf)
-        for ratio in ratios:
-            scale, zero = _params_from_groups(grouped, config, ratio)
-            deq = (_codes(grouped, scale[:, None], zero[:, None], config.qmax).astype(np.float64)
-                   - zero[:, None]) * scale[:, None].astype(np.float64)
-            # padded rows: 0 - 0 (a zero weight quantizes to its zero point); contiguous, or the batched
-            # matmul below falls back to a slow non-BLAS loop
-            diff = np.ascontiguousarray(grouped - deq)
-            err = np.einsum("gin,gin->gn", diff, grams @ diff)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_ratio[:, c0:c0 + column_chunk][better] = ratio
+    best_ratio = np.ones((n_groups, n), dtype=np.float64)
+    for index in range(n_groups):
+        rows = slice(index * g, min((index + 1) * g, k))  # the last group may be shorter (pad)
+        gram = gram_of(rows)
+        for c0 in range(0, n, column_chunk):
+            part = w[rows, c0:c0 + column_chunk]  # [G, nc]
+            best_err = np.full(part.shape[1], np.inf)
+            for ratio in ratios:
+                scale, zero = _params_from_groups(part, config, ratio)
+                deq = (_codes(part, scale, zero, config.qmax).astype(np.float64) - zero) * scale.astype(np.float64)
+                diff = part - deq
+                err = np.einsum("in,in->n", diff, gram @ diff)
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_ratio[index, c0:c0 + column_chunk][better] = ratio
     return best_ratio
 
 
