@@ -31,12 +31,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics, window_framing  # noqa: E402
-from graphq.evaluate import load_tokenizer  # noqa: E402
-from graphq.modelio import load_model  # noqa: E402
-from graphq.numerics import weight_only as wo  # noqa: E402
-from graphq.passes.qdq_insert import constant_weight  # noqa: E402
-from graphq.weight_only import HessianAccumulator  # noqa: E402
+from graphq.calibrate import (
+    CalibrationConfig,
+    calibration_windows,
+    collect_statistics,
+    window_framing,
+)
+from graphq.evaluate import load_tokenizer
+from graphq.modelio import load_model
+from graphq.numerics import weight_only as wo
+from graphq.passes.qdq_insert import constant_weight
+from graphq.weight_only import HessianAccumulator
 
 
 def reference_upper(hessian: np.ndarray, damp: float, *, order: np.ndarray | None = None) -> np.ndarray:

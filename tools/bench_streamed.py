@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[-1]["ort_load"] = ({"session_peak_rss_bytes": int(fields[0]), "run_peak_rss_bytes": int(fields[1]),
                                          "finite": fields[2] == "True", "seconds": round(time.perf_counter() - start, 1)}
                                         if done.returncode == 0 and len(fields) == 3 else
-                                        {"error": (done.stderr.strip().splitlines() or ["rc %d" % done.returncode])[-1]})
+                                        {"error": (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]})
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(out, ignore_errors=True)
         if not args.keep_models:
