@@ -201,11 +201,14 @@ def gptq_columns(weight: np.ndarray, hessian: np.ndarray, config, *, damp: float
     the whole weight with bounded memory (the tied LM head is ``576 x 49152``). With ``clip_search``,
     each group's range is first shrunk by the ratio minimising its own output error under RTN
     (:func:`~graphq.numerics.weight_only.awq_clip_search` on ``H``), as the ``w4-gptq`` recipe does."""
-    from graphq.numerics.weight_only import awq_clip_search, gptq_quantize
+    from graphq.numerics.weight_only import awq_clip_search, gptq_factor, gptq_quantize
+
+    factor = gptq_factor(hessian, damp=damp, act_order=act_order)  # H alone: once for every column block
 
     def one_block(block: np.ndarray) -> QuantizedWeight:
         ratios = awq_clip_search(block, None, config, pad=True, hessian=hessian) if clip_search else 1.0
-        return gptq_quantize(block, hessian, config, damp=damp, act_order=act_order, pad=True, clip_ratio=ratios)
+        return gptq_quantize(block, hessian, config, damp=damp, act_order=act_order, pad=True, clip_ratio=ratios,
+                             factor=factor)
 
     parts = [one_block(weight[:, i:i + columns]) for i in range(0, weight.shape[1], columns)]
     if len(parts) == 1:

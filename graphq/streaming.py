@@ -11,7 +11,12 @@ time grows as ``L * t_block``.
 
 Verification of a streamed output reads the protobuf only (``onnx.checker.check_model`` by path:
 it never loads external data, so > 2 GB files are fine), then opens an ONNX Runtime session on the
-*quantized* file and runs one short input through it, checking that every output is finite.
+*quantized* file and runs one short input through it, checking that every output is finite. An output
+whose external data exceeds :data:`WHOLE_SESSION_MAX_BYTES` (a 7B W8A8 output: ~7 GB of int8 weights,
+which one session holds at ~1.2x the file size) is run instead stage by stage (:mod:`graphq.blockwise`):
+each decoder block in its own ONNX Runtime session on the 8-token input, fed the previous stage's
+outputs, with the block's weights released afterwards; every graph output must be finite. Memory is
+then one block's weights, and every node of the file still runs in ONNX Runtime once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Models whose initializers exceed this are quantized streamed unless told otherwise.
 STREAM_THRESHOLD_BYTES = 1 << 30
+# Streamed outputs with more external data than this are verified stage by stage, not in one session.
+WHOLE_SESSION_MAX_BYTES = 4 << 30
 VERIFY_TOKENS = 8
 INTEGER_OPS = frozenset({"MatMulInteger", "MatMulIntegerToFloat", "DequantizeLinear", "QuantizeLinear"})
 
@@ -44,9 +51,13 @@ def should_stream(model: ir.Model) -> bool:
 
 
 def verify_streamed(path: str | os.PathLike, *, tokens: int = VERIFY_TOKENS, threads: int = 0,
-                    prepack: bool = True) -> VerificationReport:
+                    prepack: bool = True, by_stage: bool | None = None) -> VerificationReport:
     """``onnx.checker`` by path, an ORT CPU session on the file, and one forward pass over ``tokens``
     token ids ``0 .. tokens-1`` whose outputs must all be finite.
+
+    ``by_stage`` (default: when the file's external data exceeds :data:`WHOLE_SESSION_MAX_BYTES`) runs
+    the forward pass one stage at a time instead (module docstring); a graph that cannot be cut into
+    stages then falls back to one session.
 
     ``prepack=False`` turns off ONNX Runtime's weight prepacking. Peak RSS of this check over the
     output's file size, on 7B-shaped 2- and 4-layer outputs (``tools/bench_streamed.py
@@ -57,6 +68,12 @@ def verify_streamed(path: str | os.PathLike, *, tokens: int = VERIFY_TOKENS, thr
         onnx.checker.check_model(str(model_path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise VerificationError(f"{model_path}: ONNX checker failed: {_first_line(error)}") from error
+    if by_stage is None:
+        by_stage = external_data_bytes(model_path) > WHOLE_SESSION_MAX_BYTES
+    if by_stage:
+        report = _verify_by_stage(model_path, tokens=tokens, threads=threads)
+        if report is not None:
+            return report
     try:
         session = cpu_session(model_path, threads=threads, prepack=prepack)
         signature = GraphSignature.of(session)
@@ -71,6 +88,68 @@ def verify_streamed(path: str | os.PathLike, *, tokens: int = VERIFY_TOKENS, thr
     del session, outputs
     logger.info("verified %s: onnx.checker ok, ORT session ran %d tokens", model_path, tokens)
     return report
+
+
+def external_data_bytes(model_path: Path) -> int:
+    """Bytes of the external-data files a model references (metadata only)."""
+    from graphq.modelio import referenced_files
+
+    return sum(path.stat().st_size for path in referenced_files(model_path)[1:] if path.is_file())
+
+
+class _FiniteCheck:
+    """An accumulator (:class:`graphq.calibrate.Accumulator`) that only remembers whether every float
+    value it saw was finite."""
+
+    def __init__(self) -> None:
+        self.finite = True
+
+    def update(self, array: np.ndarray) -> None:
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            self.finite = False
+
+
+def _verify_by_stage(model_path: Path, *, tokens: int, threads: int) -> VerificationReport | None:
+    """The forward pass of :func:`verify_streamed` one stage at a time; None if the graph has no stages."""
+    from graphq.blockwise import StagedCalibration, partition
+    from graphq.errors import GraphqError
+    from graphq.modelio import load_model, release
+    from graphq.runtime import signature_of_model
+
+    model = load_model(model_path)
+    stages = partition(model)
+    if stages is None:
+        logger.warning("%s: cannot be cut into blocks; verified in one ONNX Runtime session", model_path)
+        return None
+    signature = signature_of_model(model)
+    outputs = [value.name for value in model.graph.outputs]
+    runner = StagedCalibration(model, stages, np.arange(tokens, dtype=np.int64)[None, :], threads=threads or 2,
+                               progress=False)
+    checked = set()
+    try:
+        for stage in runner.stages():
+            produced = {value.name for node in stage.nodes for value in node.outputs}
+            names = [name for name in outputs if name in produced]
+            if names:
+                for name, check in runner.calibrate(stage, names, _FiniteCheck).items():
+                    if not check.finite:
+                        raise VerificationError(f"{model_path}: output '{name}' is not finite on a {tokens}-token input")
+                checked.update(names)
+            runner.advance(stage)
+            for node in stage.nodes:
+                for value in node.inputs:
+                    release(value)
+    except GraphqError as error:
+        if isinstance(error, VerificationError):
+            raise
+        raise VerificationError(f"{model_path}: ONNX Runtime cannot run the model: {_first_line(error)}") from error
+    missing = [name for name in outputs if name not in checked]
+    if missing:  # a graph output that is an input or a constant: nothing ran it
+        raise VerificationError(f"{model_path}: output '{missing[0]}' is not computed by any stage")
+    logger.info("verified %s: onnx.checker ok, %d stages ran %d tokens in ONNX Runtime one at a time",
+                model_path, len(stages), tokens)
+    return VerificationReport(path=model_path, checker_passed=True, ort_providers=("CPUExecutionProvider",),
+                              input_names=signature.input_names, output_names=signature.output_names)
 
 
 def _first_line(error: BaseException) -> str:
@@ -115,6 +194,8 @@ def quantize_w8a8_streamed(graph: ir.Model, source: Path, staged: Path, recipe, 
     for stage in runner.stages():
         nodes = [node for node in stage.nodes if plan.get(node.name) == INT8]
         names = list(dict.fromkeys(node.inputs[0].name for node in nodes))
+        # Taken now: the passes below remove the float MatMuls (and their inputs) from the graph.
+        read = [value for node in stage.nodes for value in node.inputs if value is not None]
         stats = {}
         if names and (recipe.smoothquant is not None or static):
             stats = runner.calibrate(stage, names, lambda: RunningStats(calib.histogram_bins))
@@ -132,11 +213,15 @@ def quantize_w8a8_streamed(graph: ir.Model, source: Path, staged: Path, recipe, 
                                    kept_node_names=kept_names)
             qdq(graph)
             quantized += len(qdq.quantized)
-        for node in stage.nodes:
-            for value in node.inputs:
-                release(value)
+        for value in read:
+            release(value)
+            if value.const_value is not None and not value.is_initializer() and not value.uses():
+                # Dropped from the graph (a float weight SmoothQuant rescaled in memory, then quantized),
+                # but onnx_ir's shape inference leaves every initializer's Value referenced from the
+                # graph inputs' reference counter: unhooked, or ~0.4 GB per 7B layer stays alive.
+                value.const_value = None
         sink.spill_new(graph.graph)
-        del stats
+        del stats, read
     graph = CleanupPass()(graph).model
     violations = keep_float_violations(n for n in graph.graph if n.name in kept_names)
     if violations:

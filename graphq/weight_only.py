@@ -51,6 +51,7 @@ from graphq.numerics.weight_only import (
     WeightQuantConfig,
     awq_clip_search,
     awq_search,
+    gptq_factor,
     gptq_quantize,
     hessian_accumulate,
     quantize_rtn,
@@ -166,7 +167,7 @@ class HessianAccumulator:
         self._abs_sum: np.ndarray | None = None
 
     def update(self, array: np.ndarray) -> None:
-        self.hessian, self.count = hessian_accumulate(self.hessian, array, self.count)
+        self.hessian, self.count = hessian_accumulate(self.hessian, array, self.count, in_place=True)
         abs_sum = np.abs(np.asarray(array, dtype=np.float64)).reshape(-1, array.shape[-1]).sum(axis=0)
         self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
 
@@ -274,6 +275,8 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
                 inverse = 1.0 / scales.astype(np.float64)
                 hessian = hessian * np.outer(inverse, inverse)
                 logger.debug("awq: %s folded (%s)", name, fold.applied[name])
+        # one factor of H for all the MatMuls reading this input (q/k/v, gate/up)
+        factor = gptq_factor(hessian, damp=recipe.gptq.damp, act_order=recipe.gptq.act_order) if gptq else None
         for node in members:
             weight = constant_weight(node)
             ratios = 1.0
@@ -283,9 +286,10 @@ def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict
             if gptq:
                 quantized[node.name] = gptq_quantize(weight, hessian, config, damp=recipe.gptq.damp,
                                                      block_size=recipe.gptq.block_size, act_order=recipe.gptq.act_order,
-                                                     pad=recipe.pad_groups, clip_ratio=ratios, grid=levels)
+                                                     pad=recipe.pad_groups, clip_ratio=ratios, factor=factor, grid=levels)
             else:
                 quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
+        del factor
     return {node.name: quantized[node.name] for node in nodes}
 
 
@@ -429,8 +433,9 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
         float_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
                           if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
                           and not v.name.endswith(".scales"))
-        from graphq.config import recipe_to_dict
         import json
+
+        from graphq.config import recipe_to_dict
 
         graph.metadata_props["graphq.recipe"] = json.dumps(recipe_to_dict(recipe), default=str)
         staged = staging / output.name

@@ -103,9 +103,8 @@ def test_w8a8_streamed_float16_runs(synthetic_fp16, tmp_path):
     assert verify_streamed(result.model_path).output_names == ("logits",)
 
 
-def test_streamed_holds_one_block(synthetic_fp16, tmp_path, monkeypatch):
-    """At most one block's float weights are memory-mapped at a time, and each block's quantized
-    weights are emitted (and written out) before the next block is calibrated."""
+def _track_maps(monkeypatch) -> dict:
+    """Peak bytes of external tensors memory-mapped at once (a map closes on release or collection)."""
     mapped: dict[int, int] = {}
     peak = {"bytes": 0}
     load, release = ir.ExternalTensor._load, ir.ExternalTensor.release
@@ -122,6 +121,20 @@ def test_streamed_holds_one_block(synthetic_fp16, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ir.ExternalTensor, "_load", tracked_load)
     monkeypatch.setattr(ir.ExternalTensor, "release", tracked_release)
+    return peak
+
+
+def _block_bytes(path: Path) -> tuple[int, int]:
+    """Bytes of block 0's initializers and of the largest initializer."""
+    model = load_model(path)
+    block = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.name.startswith("model.layers.0."))
+    return block, max(v.const_value.nbytes for v in model.graph.initializers.values())
+
+
+def test_streamed_holds_one_block(synthetic_fp16, tmp_path, monkeypatch):
+    """At most one block's float weights are memory-mapped at a time, and each block's quantized
+    weights are emitted (and written out) before the next block is calibrated."""
+    peak = _track_maps(monkeypatch)
     from graphq.passes import weight_only_emit
 
     batches = []
@@ -129,12 +142,33 @@ def test_streamed_holds_one_block(synthetic_fp16, tmp_path, monkeypatch):
     monkeypatch.setattr(weight_only_emit.WeightOnlyEmissionPass, "call",
                         lambda self, model: (batches.append(sorted(self.quantized)), emit_call(self, model))[1])
     quantize_weights(synthetic_fp16, tmp_path / "s" / "model.onnx", _small(RECIPES["w4-gptq"]), progress=False, streamed=True)
-    model = load_model(synthetic_fp16)
-    block = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.name.startswith("model.layers.0."))
-    largest = max(v.const_value.nbytes for v in model.graph.initializers.values())
+    block, largest = _block_bytes(synthetic_fp16)
     assert 0 < peak["bytes"] <= max(block, largest)
     assert len(batches) == TINY["layers"] + 1  # one emission per block, then the LM head
     assert all(len({name.split("/")[2] for name in batch}) == 1 for batch in batches[:-1])  # one block each
+
+
+def test_w8a8_streamed_holds_one_block(synthetic_fp16, tmp_path, monkeypatch):
+    """W8A8 replaces the float MatMuls it quantizes: neither their memory maps nor the float weights
+    SmoothQuant rescaled in memory may outlive their block (a 7B run grew ~0.4 GB per layer)."""
+    import gc
+
+    from graphq import modelio
+
+    peak = _track_maps(monkeypatch)
+    save = modelio.save_streamed
+    live = {}
+
+    def counting_save(model, path, sink):  # after the last block, before the graph is written
+        gc.collect()
+        live["bytes"] = sum(o.nbytes for o in gc.get_objects() if type(o) is ir.Tensor and o.nbytes >= 1024)
+        return save(model, path, sink)
+
+    monkeypatch.setattr(modelio, "save_streamed", counting_save)
+    quantize_model(synthetic_fp16, tmp_path / "s" / "model.onnx", _small(RECIPES["w8a8"]), progress=False, streamed=True)
+    block, largest = _block_bytes(synthetic_fp16)
+    assert 0 < peak["bytes"] <= max(block, largest)
+    assert live["bytes"] <= max(block, largest)  # in-memory tensors left: at most the last stage's
 
 
 def test_sink_embeds_small_external_tensors(synthetic_fp16, tmp_path):
@@ -175,3 +209,31 @@ def test_release_keeps_a_viewed_map_open(synthetic_fp16):
     expected = view.copy()
     release(value)
     np.testing.assert_array_equal(view, expected)
+
+
+def test_verify_by_stage(synthetic_fp16, tmp_path, monkeypatch, caplog):
+    """Outputs above WHOLE_SESSION_MAX_BYTES run one stage (block) per ONNX Runtime session: a good W8A8
+    output passes with the same report as one session; a non-finite block fails either way."""
+    import logging
+
+    from graphq import streaming
+    from graphq.errors import VerificationError
+
+    result = quantize_model(synthetic_fp16, tmp_path / "s" / "model.onnx", _small(RECIPES["w8a8"]), progress=False,
+                            streamed=True)
+    whole = verify_streamed(result.model_path, by_stage=False)
+    monkeypatch.setattr(streaming, "WHOLE_SESSION_MAX_BYTES", 0)  # default dispatch: by stage
+    with caplog.at_level(logging.INFO, logger="graphq.streaming"):
+        staged = verify_streamed(result.model_path)
+    assert any("stages ran" in record.message for record in caplog.records)
+    assert (staged.input_names, staged.output_names) == (whole.input_names, whole.output_names)
+
+    model = load_model(synthetic_fp16)  # a float model whose last block gives NaN
+    down = model.graph.initializers["model.layers.2.mlp.down_proj.weight"]
+    down.const_value = ir.tensor(np.full(down.const_value.shape, np.nan, dtype=np.float16), name=down.name)
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    save_streamed(model, folder / "model.onnx", ExternalDataSink(folder, "model.onnx.data"))
+    for by_stage in (True, False):
+        with pytest.raises(VerificationError, match="not finite"):
+            verify_streamed(folder / "model.onnx", by_stage=by_stage)

@@ -138,6 +138,43 @@ def test_rtn_codes_in_range_and_error_bounded(bits, group_size, symmetric):
         assert (error <= step * (0.5 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("config", [WeightQuantConfig(4, 32, True), WeightQuantConfig(4, 32, False),
+                                    WeightQuantConfig(3, 0, False)])
+def test_rtn_float32_path_is_the_float64_definition(dtype, config):
+    """quantize_rtn works in float32 for float16/32 weights; its codes must equal the float64 definition
+    (group_params + quantize_with_params) bit for bit, including values whose float32 quotient w / s
+    rounds onto a half-integer that the exact quotient is not (only those are redone in float64)."""
+    from graphq.numerics.weight_only import quantize_with_params
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((96, 40)) * 0.05).astype(dtype)
+    ratios = rng.uniform(0.6, 1.0, (config.n_groups(96, pad=True), 40))
+    rows = np.arange(96) // config.group_length(96, pad=True)
+    scales, _ = group_params(w, config, pad=True)
+    # near-ties: (m + 1/2) s rounded to the weight's dtype; the group extremes are kept, so s stays
+    near = ((rng.integers(-3, 3, w.shape) + 0.5) * scales[rows].astype(np.float64)).astype(dtype)
+    grouped = w.reshape(-1, config.group_length(96, pad=True), 40)
+    extreme = (grouped == grouped.max(axis=1, keepdims=True)) | (grouped == grouped.min(axis=1, keepdims=True))
+    w = np.where(extreme.reshape(w.shape) | (rng.random(w.shape) < 0.3), w, near)
+    np.testing.assert_array_equal(group_params(w, config, pad=True)[0], scales)
+    quotient = w.astype(np.float32) / scales[rows]
+    exact = w.astype(np.float64) / scales[rows].astype(np.float64)
+    false_ties = (np.abs(quotient - np.rint(quotient)) == 0.5) & (np.abs(exact - np.rint(exact)) != 0.5)
+    assert dtype == np.float16 or false_ties.sum() > 10  # the float64 fix-up really decides some codes
+    for ratio in (1.0, ratios):
+        fast = quantize_rtn(w, config, clip_ratio=ratio, pad=True)
+        s, z = group_params(w, config, clip_ratio=ratio, pad=True)
+        slow = quantize_with_params(w, s, z, config, pad=True)
+        np.testing.assert_array_equal(fast.scales, slow.scales)
+        np.testing.assert_array_equal(fast.zero_points, slow.zero_points)
+        np.testing.assert_array_equal(fast.q, slow.q)
+    bad = w.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        quantize_rtn(bad, config, pad=True)
+
+
 def test_symmetric_sign_trick_beats_seven_level_grid():
     w = np.random.default_rng(3).standard_normal((128 * 8, 256))
     qw = quantize_rtn(w, WeightQuantConfig(4, 128, True))
@@ -197,6 +234,33 @@ def test_hessian_accumulate_equals_batch_formula():
     np.testing.assert_allclose(h3, h, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError):
         hessian_accumulate(h, x[:, :10], count)
+    inplace, count = None, 0
+    for start, stop in ((0, 100), (100, 101), (101, 101), (101, M)):
+        before = inplace
+        inplace, count = hessian_accumulate(inplace, x[start:stop], count, in_place=True)
+        assert before is None or inplace is before  # updated in place: no K x K copies
+    np.testing.assert_allclose(inplace, h, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("k", [5, 256, 300, 600])
+def test_inverse_cholesky_upper_blocked_in_place(k):
+    """The blocked in-place factor equals the definition U^T U = (H_P + lambda I)^-1 (H_P: H in the
+    given order, zero diagonal entries set to 1), upper triangular, and leaves H untouched."""
+    from graphq.numerics.weight_only import _inverse_cholesky_upper
+
+    x = _correlated_inputs(m=2 * k, k=k).astype(np.float64)
+    x[:, 2] = 0.0  # a dead input
+    h = _hessian(x)
+    order = np.random.default_rng(0).permutation(k)
+    kept = h.copy()
+    upper = _inverse_cholesky_upper(h, 0.01, order=order)
+    np.testing.assert_array_equal(h, kept)
+    hp = h[np.ix_(order, order)]
+    hp[np.diag_indices(k)] = np.where(np.diag(hp) == 0, 1.0, np.diag(hp))
+    damped = hp + 0.01 * np.mean(np.diag(hp)) * np.eye(k)
+    np.testing.assert_array_equal(upper, np.triu(upper))
+    assert (np.diag(upper) > 0).all()
+    np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(k), atol=1e-9)
 
 
 def _reference_gptq(w, h, config, damp=0.01):

@@ -17,11 +17,19 @@ The output is verified inside the command (onnx.checker by path, ONNX Runtime se
 quantized file, one 8-token forward pass with finite logits).
 
 Time per layer is reported two ways: ``total / L`` and the marginal ``(T(L2) - T(L1)) / (L2 - L1)``
+(wall time; CPU time, user + system of ``/usr/bin/time -v``, is recorded beside it because on a shared
+machine it depends far less on what else runs)
 between consecutive sizes; linear growth means the marginal cost stays constant and the fixed cost
 (embedding, LM head, verification, start-up) is ``T(L) - L * marginal``. Timings on a shared machine
 are noisy: compare only runs of the same invocation.
 
     nice -n 5 python tools/bench_streamed.py --layers 2 4 --workdir /tmp/bench_streamed --json out.json
+
+With ``--load-check``, each output is also opened, before it is deleted, in a fresh process as a
+whole-model ONNX Runtime CPU session (2 threads, all optimisations, default prepacking) that runs one
+8-token input: the proof that the output loads in ONNX Runtime as one model, with that process's
+peak RSS (``ru_maxrss``) and whether the logits are finite. (The quantize command itself verifies
+outputs above 4 GiB of external data stage by stage, so its own peak stays at one block.)
 
 ``--verify-memory OUT.onnx ...`` instead measures the verification step alone on existing quantized
 outputs: for each, a fresh process opens an ONNX Runtime CPU session (2 threads, all optimisations)
@@ -52,7 +60,8 @@ def _time_v(command: list[str], log: Path) -> dict:
     seconds = time.perf_counter() - start
     text = log.read_text(errors="replace")
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"rc": completed.returncode, "seconds": round(seconds, 1),
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
+    return {"rc": completed.returncode, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
             "peak_rss_bytes": int(match.group(1)) * 1024 if match else None}
 
 
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-models", action="store_true", help="use a model already in the workdir")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--verify-memory", type=Path, nargs="+", help="only measure verification of these outputs")
+    parser.add_argument("--load-check", action="store_true",
+                        help="open each output as one ORT session in a fresh process before deleting it")
     args = parser.parse_args(argv)
     if args.verify_memory:
         rows = verify_memory(args.verify_memory)
@@ -144,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             out_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*")) if out.is_dir() else 0
             rows.append({"layers": layers, "recipe": name, "model_bytes": model_bytes, "output_bytes": out_bytes,
                          "make_seconds": gen["seconds"] if gen else None, **run})
+            if args.load_check and run["rc"] == 0:
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-c", _VERIFY_PROBE, str(out / "model.onnx"), "on"], cwd=ROOT,
+                                      capture_output=True, text=True, check=False)
+                fields = done.stdout.split()
+                rows[-1]["ort_load"] = ({"session_peak_rss_bytes": int(fields[0]), "run_peak_rss_bytes": int(fields[1]),
+                                         "finite": fields[2] == "True", "seconds": round(time.perf_counter() - start, 1)}
+                                        if done.returncode == 0 and len(fields) == 3 else
+                                        {"error": (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]})
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(out, ignore_errors=True)
         if not args.keep_models:
@@ -153,14 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         smaller = [r for r in rows if r["recipe"] == row["recipe"] and r["layers"] < row["layers"] and r["rc"] == 0]
         if smaller and row["rc"] == 0:
             base = max(smaller, key=lambda r: r["layers"])
-            row["marginal_seconds_per_layer"] = round((row["seconds"] - base["seconds"]) / (row["layers"] - base["layers"]), 1)
+            for key in ("seconds", "cpu_seconds"):
+                row[f"marginal_{key}_per_layer"] = round((row[key] - base[key]) / (row["layers"] - base["layers"]), 1)
     print(f"\n{'recipe':10} {'layers':>6} {'model GB':>9} {'out GB':>7} {'peak RSS GB':>12} {'seconds':>8} "
-          f"{'s/layer':>8} {'marginal s/layer':>17} rc")
+          f"{'s/layer':>8} {'marginal s/layer':>17} {'CPU s':>8} {'marginal CPU s/layer':>21} rc")
     for row in rows:
         rss = row["peak_rss_bytes"] / 1e9 if row["peak_rss_bytes"] else float("nan")
         print(f"{row['recipe']:10} {row['layers']:>6} {row['model_bytes'] / 1e9:>9.2f} {row['output_bytes'] / 1e9:>7.2f} "
               f"{rss:>12.2f} {row['seconds']:>8.1f} {row['seconds_per_layer']:>8.1f} "
-              f"{row.get('marginal_seconds_per_layer', ''):>17} {row['rc']}")
+              f"{row.get('marginal_seconds_per_layer', ''):>17} {row['cpu_seconds']:>8.1f} "
+              f"{row.get('marginal_cpu_seconds_per_layer', ''):>21} {row['rc']}")
+        if "ort_load" in row:
+            print(f"{'':10} ORT whole-model load: {row['ort_load']}")
     if args.json:
         args.json.write_text(json.dumps({"protocol": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     return 0

@@ -46,14 +46,7 @@ import dataclasses
 import numpy as np
 
 from graphq.errors import GraphqError
-from graphq.numerics.weight_only import (
-    GptqGrid,
-    QuantizedWeight,
-    WeightQuantConfig,
-    _as_weight,
-    _group_view,
-    gptq_quantize,
-)
+from graphq.numerics.weight_only import GptqGrid, QuantizedWeight, WeightQuantConfig, _as_weight, _group_view, gptq_quantize
 
 CUBEROOT_BITS = (4, 8)
 ACTIVATION_QMAX = 127

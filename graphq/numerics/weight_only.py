@@ -216,11 +216,22 @@ def _clip_ratios(clip_ratio: float | np.ndarray, shape: tuple[int, ...]) -> np.n
     return np.broadcast_to(ratio, shape)
 
 
+def _group_extremes(grouped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group ``min w`` and ``max w`` along axis -2, as float64 (exact: no rounding in min/max)."""
+    return grouped.min(axis=-2).astype(np.float64), grouped.max(axis=-2).astype(np.float64)
+
+
 def _params_from_groups(grouped: np.ndarray, config: WeightQuantConfig, ratio: np.ndarray | float = 1.0
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Scales (float32) and zero points (uint8) for groups along axis -2: ``[..., G, N] -> [..., N]``."""
-    lo = np.minimum(grouped.min(axis=-2), 0.0) * ratio
-    hi = np.maximum(grouped.max(axis=-2), 0.0) * ratio
+    return _params_from_extremes(*_group_extremes(grouped), config, ratio)
+
+
+def _params_from_extremes(low: np.ndarray, high: np.ndarray, config: WeightQuantConfig,
+                          ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points from each group's float64 ``min w`` and ``max w`` (module docstring)."""
+    lo = np.minimum(low, 0.0) * ratio
+    hi = np.maximum(high, 0.0) * ratio
     if config.symmetric:
         extreme = np.where(hi >= -lo, hi, lo)  # the signed value of largest magnitude
         scale = (extreme / -config.symmetric_zero_point).astype(np.float32)
@@ -237,6 +248,28 @@ def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int) -> np.
     """``clip(round(w / s) + z, 0, qmax)`` (uint8), with ``s`` and ``z`` broadcasting against ``w``."""
     q = np.rint(w / scale.astype(np.float64)) + zero
     return np.clip(q, 0, qmax).astype(np.uint8)
+
+
+def _codes_float32(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int) -> np.ndarray:
+    """:func:`_codes` for float32 ``w`` and ``s``, bit for bit, at float32 cost.
+
+    Division is correctly rounded in both precisions and rounding is monotone, so ``rint`` of the
+    float32 quotient ``fl32(w / s)`` equals ``rint`` of the float64 one except where ``fl32(w / s)`` is
+    exactly a half-integer (a float64 tie is also a float32 tie: a value within half a float64 ulp of
+    ``n + 1/2`` rounds to it in float32 too); only those elements are recomputed in float64."""
+    q = np.divide(w, scale)
+    codes = np.rint(q)
+    np.subtract(q, codes, out=q)
+    ties = np.abs(q, out=q) == 0.5
+    del q
+    if ties.any():
+        where = np.unravel_index(np.flatnonzero(ties), ties.shape)  # flatnonzero: ~15x faster than nonzero
+        exact = w[where].astype(np.float64) / np.broadcast_to(scale, w.shape)[where].astype(np.float64)
+        codes[where] = np.clip(np.rint(exact), -qmax - 1, qmax + 1)  # the final clip gives the same codes
+    del ties
+    codes += zero
+    np.clip(codes, 0, qmax, out=codes)
+    return codes.astype(np.uint8)
 
 
 def group_params(weight: np.ndarray, config: WeightQuantConfig, *, clip_ratio: float | np.ndarray = 1.0,
@@ -293,19 +326,39 @@ def quantize_rtn(weight: np.ndarray, config: WeightQuantConfig, *, clip_ratio: f
 
 def _quantize_rtn(weight: np.ndarray, *, config: WeightQuantConfig, clip_ratio: float | np.ndarray = 1.0,
                   pad: bool = False) -> QuantizedWeight:
-    scales, zeros = group_params(weight, config, clip_ratio=clip_ratio, pad=pad)
-    return quantize_with_params(weight, scales, zeros, config, pad=pad)
+    """:func:`group_params` then :func:`quantize_with_params`, bit for bit, in one pass over the groups:
+    float16 and float32 weights are worked on in float32 (exact for both; :func:`_codes_float32`), with
+    no ``[K, N]`` gather of scales, and non-finite values are caught through the group extremes."""
+    w = np.asarray(weight)
+    if w.ndim != 2 or w.size == 0:
+        raise ValueError(f"expected a non-empty 2-D weight [K, N], got shape {w.shape}")
+    w = w.astype(np.float32 if w.dtype in (np.float16, np.float32) else np.float64, copy=False)
+    k, n = w.shape
+    grouped = _group_view(w, config.group_length(k, pad=pad))
+    low, high = _group_extremes(grouped)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):  # min and max propagate NaN and infinity
+        raise ValueError("the weight contains NaN or infinity")
+    scales, zeros = _params_from_extremes(low, high, config, _clip_ratios(clip_ratio, low.shape))
+    codes = _codes_float32 if w.dtype == np.float32 else _codes
+    q = codes(grouped, scales[:, None, :], zeros[:, None, :], config.qmax).reshape(-1, n)[:k]
+    return QuantizedWeight(q, scales, zeros, config)
 
 
 # ---------------------------------------------------------------------------------------------
 # GPTQ
 
 
-def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+HESSIAN_CHUNK_ELEMENTS = 1 << 24  # in-place accumulation adds x^T x in column blocks of this many elements
+
+
+def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *, in_place: bool = False
+                       ) -> tuple[np.ndarray, int]:
     """Fold a batch ``x [..., K]`` (``m`` rows) into the running ``H = 2 X^T X / n`` of ``count`` rows.
 
     ``H <- H n / (n + m) + 2 / (n + m) x^T x`` in float64; start with ``(None, 0)``. Returns the new
-    ``(H, count)``; an empty batch changes nothing.
+    ``(H, count)``; an empty batch changes nothing. ``in_place`` updates a float64 ``hessian`` itself,
+    adding ``x^T x`` in column blocks (the same values up to the last bit; no ``K x K`` temporary, where
+    the copying form makes three: 1 GB each for a 7B ``down_proj``).
     """
     x = np.asarray(x)
     if x.ndim == 0:
@@ -326,30 +379,95 @@ def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int) ->
     if not np.isfinite(rows).all():
         raise ValueError("the batch contains NaN or infinity")
     total = count + m
+    if in_place and hessian.dtype == np.float64:
+        hessian *= count / total
+        width = max(1, HESSIAN_CHUNK_ELEMENTS // k)
+        for start in range(0, k, width):  # x^T x by column blocks: a K x width temporary, not K x K
+            part = rows.T @ rows[:, start:start + width]
+            part *= 2.0 / total
+            hessian[:, start:start + width] += part
+        return hessian, total
     updated = hessian.astype(np.float64) * (count / total)
     updated += (2.0 / total) * (rows.T @ rows)
     return updated, total
 
 
-def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """Upper ``U`` with ``U^T U = (H + lambda I)^-1``, ``lambda = damp * mean(diag H)``, raised x10 on failure.
+FACTOR_BLOCK = 256  # block of the in-place Cholesky factorisation and triangular inverse
 
-    With ``J`` the reversal permutation and ``J (H + lambda I) J = M M^T`` (lower Cholesky),
-    ``(H + lambda I)^-1 = (J M^-1 J)^T (J M^-1 J)`` and ``J M^-1 J`` is upper triangular with a
+
+def _cholesky_lower_in_place(a: np.ndarray, block: int = FACTOR_BLOCK) -> None:
+    """``a <- L`` with ``L L^T = a`` (lower; zeros above the diagonal), left-looking by column blocks:
+    ``A[j:, J] -= L[j:, :j] L[J, :j]^T``, then the diagonal block's own Cholesky factor ``D`` and
+    ``L[e:, J] = A[e:, J] D^-T``. Temporaries are ``K x block``, not ``K x K`` as in ``np.linalg.cholesky``
+    (which copies its input and its output). Raises ``np.linalg.LinAlgError`` if ``a`` is not
+    positive definite (``a`` is then partly overwritten)."""
+    k = a.shape[0]
+    for j in range(0, k, block):
+        e = min(j + block, k)
+        if j:
+            a[j:, j:e] -= a[j:, :j] @ a[j:e, :j].T
+        d = np.linalg.cholesky(a[j:e, j:e])
+        a[j:e, j:e] = d
+        a[j:e, e:] = 0.0
+        if e < k:
+            a[e:, j:e] = a[e:, j:e] @ np.tril(np.linalg.inv(d)).T
+
+
+def _invert_lower_in_place(a: np.ndarray, block: int = FACTOR_BLOCK) -> None:
+    """``a <- L^-1`` for lower-triangular ``L``, by column blocks from the last:
+    ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]`` with ``C^-1`` already in place."""
+    k = a.shape[0]
+    for j in reversed(range(0, k, block)):
+        e = min(j + block, k)
+        inverse = np.tril(np.linalg.inv(a[j:e, j:e]))
+        a[j:e, j:e] = inverse
+        if e < k:
+            a[e:, j:e] = -(a[e:, e:] @ a[e:, j:e]) @ inverse
+
+
+def _reverse_in_place(a: np.ndarray) -> None:
+    """``a <- J a J`` (rows and columns reversed) without a ``K x K`` copy."""
+    k = a.shape[0]
+    for i in range(k // 2):
+        top = a[i, ::-1].copy()
+        a[i] = a[k - 1 - i, ::-1]
+        a[k - 1 - i] = top
+    if k % 2:
+        a[k // 2] = a[k // 2, ::-1].copy()
+
+
+def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarray | None = None) -> np.ndarray:
+    """Upper ``U`` with ``U^T U = (H_P + lambda I)^-1``, ``lambda = damp * mean(diag H_P)``, raised x10 on
+    failure, where ``H_P = H[order][:, order]`` with zero diagonal entries (inputs that never fired)
+    replaced by 1. ``hessian`` itself is not modified.
+
+    With ``J`` the reversal permutation and ``J (H_P + lambda I) J = M M^T`` (lower Cholesky),
+    ``(H_P + lambda I)^-1 = (J M^-1 J)^T (J M^-1 J)`` and ``J M^-1 J`` is upper triangular with a
     positive diagonal: the unique factor, from one factorisation.
-    """
+
+    Memory: one float64 ``K x K`` array, filled row by row with ``J H_P J`` and factorised, inverted
+    and reversed in place by blocks (:func:`_cholesky_lower_in_place`, :func:`_invert_lower_in_place`),
+    plus ``K x FACTOR_BLOCK`` temporaries; ``np.linalg.cholesky`` and ``np.linalg.inv`` would each copy
+    their input and output (about 5 ``K x K`` arrays, 1 GB each for a 7B ``down_proj``)."""
     k = hessian.shape[0]
-    mean_diag = float(np.mean(np.diag(hessian)))
+    reverse = (np.arange(k) if order is None else np.asarray(order))[::-1]
+    diagonal = np.diag(hessian)[reverse].astype(np.float64)
+    diagonal[diagonal == 0] = 1.0
+    mean_diag = float(np.mean(diagonal))
     if not mean_diag > 0:
         raise GraphqError("the GPTQ Hessian has a non-positive mean diagonal; the calibration inputs are unusable")
     fraction = damp
-    reversed_h = hessian[::-1, ::-1]
+    a = np.empty((k, k), dtype=np.float64)
     for attempt in range(_DAMP_RETRIES + 1):
+        for row, source in enumerate(reverse):
+            a[row] = hessian[source, reverse]
+        a[np.diag_indices(k)] = diagonal + fraction * mean_diag
         try:
-            lower = np.linalg.cholesky(reversed_h + fraction * mean_diag * np.eye(k))
-            upper = np.linalg.inv(lower)[::-1, ::-1]
-            if np.isfinite(upper).all() and (np.diag(upper) > 0).all():
-                return np.triu(upper)
+            _cholesky_lower_in_place(a)
+            _invert_lower_in_place(a)
+            _reverse_in_place(a)
+            if np.isfinite(a).all() and (np.diag(a) > 0).all():
+                return a
         except np.linalg.LinAlgError:
             pass
         if attempt == _DAMP_RETRIES:
@@ -385,52 +503,74 @@ def uniform_grid(config: WeightQuantConfig) -> GptqGrid:
     return GptqGrid(lambda grouped, ratio: _params_from_groups(grouped, config, ratio), round_row)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class GptqFactor:
+    """What GPTQ needs from ``H`` alone: the order rows are processed in (decreasing ``H[k, k]`` with
+    ``act_order``, else ``0 .. K-1``) and the upper factor ``U`` of that order
+    (:func:`_inverse_cholesky_upper`). MatMuls that share an input (q/k/v, gate/up) share it."""
+
+    order: np.ndarray
+    upper: np.ndarray
+
+
+def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = False) -> GptqFactor:
+    """:class:`GptqFactor` of ``H [K, K]`` (validated: square, finite, ``damp >= 0``)."""
+    h = np.asarray(hessian)  # not copied (1 GB in float64 for a 7B down_proj)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"expected a square Hessian, got shape {h.shape}")
+    if not np.isfinite(h).all():
+        raise GraphqError("the GPTQ Hessian contains NaN or infinity; check the calibration inputs")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    diagonal = np.diag(h).astype(np.float64)
+    diagonal[diagonal == 0] = 1.0  # inputs that never fired: H[k, k] = 1 (module docstring)
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(h.shape[0])
+    return GptqFactor(order, _inverse_cholesky_upper(h, damp, order=order))
+
+
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantConfig, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, pad: bool = False,
-                  clip_ratio: float | np.ndarray = 1.0, grid: GptqGrid | None = None) -> QuantizedWeight:
+                  clip_ratio: float | np.ndarray = 1.0, factor: GptqFactor | None = None,
+                  grid: GptqGrid | None = None) -> QuantizedWeight:
     """GPTQ of ``W [K, N]`` given ``H [K, K]`` (:func:`hessian_accumulate`); see the module docstring.
 
     ``clip_ratio`` (a scalar or ``[n_groups, N]``, e.g. from :func:`awq_clip_search`) shrinks each
     group's range before its scale is taken, as in :func:`quantize_rtn`. Columns are independent
-    (the error feedback runs along K), so weights above :data:`GPTQ_CHUNK_ELEMENTS` go in column chunks."""
+    (the error feedback runs along K), so weights above :data:`GPTQ_CHUNK_ELEMENTS` go in column chunks,
+    all with one :func:`gptq_factor` of ``H`` (``factor``: one computed by the caller with the same
+    ``damp`` and ``act_order``, e.g. for several weights that read the same input)."""
+    if factor is None:
+        if np.ndim(weight) != 2 or np.shape(hessian) != (np.shape(weight)[0],) * 2:
+            raise ValueError(f"Hessian shape {np.shape(hessian)} does not match a weight of shape {np.shape(weight)}")
+        factor = gptq_factor(hessian, damp=damp, act_order=act_order)
     return by_column_chunks(_gptq_quantize, weight, GPTQ_CHUNK_ELEMENTS, clip_ratio, hessian=hessian, config=config,
-                            damp=damp, block_size=block_size, act_order=act_order, pad=pad, grid=grid)
+                            factor=factor, block_size=block_size, act_order=act_order, pad=pad, grid=grid)
 
 
-def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQuantConfig, damp: float = 0.01,
+def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQuantConfig, factor: GptqFactor,
                    block_size: int = 128, act_order: bool = False, pad: bool = False,
                    clip_ratio: float | np.ndarray = 1.0, grid: GptqGrid | None = None) -> QuantizedWeight:
     grid = grid or uniform_grid(config)
     w = _as_weight(weight)
     k, n = w.shape
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    if h.shape != (k, k):
+    h = np.asarray(hessian)
+    if h.shape != (k, k) or factor.upper.shape != (k, k):
         raise ValueError(f"Hessian shape {h.shape} does not match a weight with K = {k}")
-    if not np.isfinite(h).all():
-        raise GraphqError("the GPTQ Hessian contains NaN or infinity; check the calibration inputs")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
     g = config.group_length(k, pad=pad)
     n_groups = -(-k // g)
     ratios = _clip_ratios(clip_ratio, (n_groups, n))
 
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[dead, :] = 0.0
+    w[np.diag(h) == 0, :] = 0.0  # inputs that never fired
 
     scales = np.empty((n_groups, n), dtype=np.float32)
     zeros = np.empty((n_groups, n), dtype=np.uint8)
+    perm, upper = factor.order, factor.upper
     if act_order:
         scales[:], zeros[:] = grid.params(_group_view(w, g), ratios)  # static groups
-        perm = np.argsort(-np.diag(h), kind="stable")
         w = w[perm]
-        h = h[np.ix_(perm, perm)]
-    else:
-        perm = np.arange(k)
     group_of = perm // g  # the original group of each processed row
-    upper = _inverse_cholesky_upper(h, damp)
 
     codes = np.empty((k, n), dtype=np.uint8)
     for start in range(0, k, block_size):
@@ -524,7 +664,7 @@ def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray 
 
 
 def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: WeightQuantConfig, *, grid: int = 20,
-                    max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 256,
+                    max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 4096,
                     hessian: np.ndarray | None = None, levels: GptqGrid | None = None) -> np.ndarray:
     """Per-group clip ratios ``[n_groups, N]`` (float64, for :func:`quantize_rtn`) minimising each group's
     output error ``mean_m (x_g[m] . (w_g - w_hat_g))^2`` on ``x_sample [M, K]``.
@@ -532,7 +672,10 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
     Candidates are ``1 - i / grid`` for ``i = 0 .. round(max_shrink * grid)``; ratio 1 comes first
     and is only replaced by a strictly smaller error, so no group gets worse than unclipped RTN.
     With ``x_sample=None``, the per-group Gram matrices are the diagonal blocks of ``hessian = 2 x^T x / M``
-    (the same minimiser: the error is a quadratic form in the group's rows). Works through ``column_chunk`` output columns at a time; memory is ``O(K (G + column_chunk))``.
+    (the same minimiser: the error is a quadratic form in the group's rows). Works one group of rows
+    and ``column_chunk`` output columns at a time: memory is ``O(G * column_chunk)``, and each
+    candidate costs one ``G x G`` by ``G x column_chunk`` product (few, large BLAS calls rather than
+    many small ones, which multi-threaded BLAS runs poorly on a busy machine).
     ``levels``: the grid the weights are rounded onto (default the uniform one; e.g. the cube-root grid).
     """
     w = _as_weight(weight)
@@ -547,36 +690,35 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
         h = np.asarray(hessian, dtype=np.float64)
         if h.shape != (k, k) or not np.isfinite(h).all():
             raise ValueError(f"expected a finite Hessian [{k}, {k}], got shape {h.shape}")
-        grams = np.zeros((n_groups, g, g), dtype=np.float64)
-        for index in range(n_groups):
-            rows = slice(index * g, min((index + 1) * g, k))
-            length = rows.stop - rows.start
-            grams[index, :length, :length] = h[rows, rows] / 2.0
+
+        def gram_of(rows: slice) -> np.ndarray:
+            return h[rows, rows] / 2.0
     else:
         if x_sample is None:
             raise ValueError("give a calibration sample x or its Hessian")
         x = np.asarray(x_sample, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != k or x.shape[0] == 0 or not np.isfinite(x).all():
             raise ValueError(f"expected a finite sample [M, {k}] with M > 0, got shape {x.shape}")
-        xg = _group_view(x.T, g)  # [n_groups, G, M], zero rows past K
-        grams = xg @ xg.transpose(0, 2, 1)  # [n_groups, G, G]: x_g^T x_g per group
+
+        def gram_of(rows: slice) -> np.ndarray:
+            return x[:, rows].T @ x[:, rows]  # x_g^T x_g
     ratios = [1.0 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
     rounding = levels or uniform_grid(config)
-    best_ratio = np.ones((grams.shape[0], n), dtype=np.float64)
-    for c0 in range(0, n, column_chunk):
-        chunk = w[:, c0:c0 + column_chunk]
-        grouped = _group_view(chunk, g)  # [n_groups, G, nc]
-        best_err = np.full(best_ratio[:, c0:c0 + column_chunk].shape, np.inf)
-        for ratio in ratios:
-            scale, zero = rounding.params(grouped, ratio)
-            _, deq = rounding.round(grouped, scale[:, None], zero[:, None])
-            # padded rows: 0 - 0 (a zero weight quantizes to its zero point); contiguous, or the batched
-            # matmul below falls back to a slow non-BLAS loop
-            diff = np.ascontiguousarray(grouped - deq)
-            err = np.einsum("gin,gin->gn", diff, grams @ diff)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_ratio[:, c0:c0 + column_chunk][better] = ratio
+    best_ratio = np.ones((n_groups, n), dtype=np.float64)
+    for index in range(n_groups):
+        rows = slice(index * g, min((index + 1) * g, k))  # the last group may be shorter (pad)
+        gram = gram_of(rows)
+        for c0 in range(0, n, column_chunk):
+            part = w[rows, c0:c0 + column_chunk]  # [G, nc]
+            best_err = np.full(part.shape[1], np.inf)
+            for ratio in ratios:
+                scale, zero = rounding.params(part, ratio)
+                _, deq = rounding.round(part, scale, zero)
+                diff = part - deq
+                err = np.einsum("in,in->n", diff, gram @ diff)
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_ratio[index, c0:c0 + column_chunk][better] = ratio
     return best_ratio
 
 
@@ -599,9 +741,26 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
         raise ValueError(f"codes exceed {2**bits - 1} for {bits} bits")
     k, n = codes.shape
     n_blocks = -(-k // block_size)
-    padded = np.zeros((n, n_blocks * block_size), dtype=np.uint8)
-    padded[:, :k] = codes.T
-    return _pack_last_axis(padded, bits).reshape(n, n_blocks, block_size // per_byte)
+    rows = n_blocks * block_size
+    if rows != k or codes.dtype != np.uint8:
+        padded = np.zeros((rows, n), dtype=np.uint8)
+        padded[:k] = codes
+        codes = padded
+    packed = np.zeros((rows // per_byte, n), dtype=np.uint8)  # packed along K first: contiguous rows
+    for j in range(per_byte):
+        packed |= codes[j::per_byte] << np.uint8(bits * j)
+    return _transposed(packed).reshape(n, n_blocks, block_size // per_byte)
+
+
+def _transposed(array: np.ndarray, tile: int = 256) -> np.ndarray:
+    """A C-contiguous copy of ``array.T`` (2-D), copied tile by tile: several times faster than numpy's
+    strided copy for large byte matrices, which misses the cache on every element."""
+    rows, cols = array.shape
+    out = np.empty((cols, rows), dtype=array.dtype)
+    for r in range(0, rows, tile):
+        for c in range(0, cols, tile):
+            out[c:c + tile, r:r + tile] = array[r:r + tile, c:c + tile].T
+    return out
 
 
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
