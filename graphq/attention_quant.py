@@ -19,8 +19,8 @@ import os
 import time
 from pathlib import Path
 
-from graphq.errors import GraphqError, OutputPathError
-from graphq.modelio import load_model, save_model, staging_dir
+from graphq.errors import GraphqError
+from graphq.modelio import load_model, move_staged_into_place, save_model, staging_dir
 from graphq.numerics.kv_cache import cache_bytes_per_token
 from graphq.passes.attention_int8 import AttentionInt8Pass
 from graphq.passes.cleanup import CleanupPass
@@ -112,11 +112,7 @@ def quantize_attention(model: str | os.PathLike, output: str | os.PathLike, conf
         save_model(graph, staged)
         verify_model_file(staged)
         stage_side_files(source, output, staging)
-        try:
-            for item in sorted(staging.iterdir()):
-                os.replace(item, output.parent / item.name)
-        except OSError as error:
-            raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
+        move_staged_into_place(staging, output)
     float_bytes = int8_bytes = None
     if entries and all(isinstance(e.kv_heads, int) and isinstance(e.head_dim, int) for e in entries):
         float_bytes = sum(cache_bytes_per_token(e.kv_heads, e.head_dim, int8=False) for e in entries)

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.calibrate import CalibrationConfig
-from graphq.errors import GraphqError, OutputPathError
+from graphq.errors import GraphqError
 from graphq.numerics.sensitivity import PRECISIONS, precision_config
 from graphq.numerics.weight_only import QuantizedWeight, quantize_rtn
 from graphq.passes.weight_only_emit import WeightOnlyEmitConfig
@@ -251,7 +251,7 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                    overwrite: bool = False, progress: bool = True) -> MixedResult:
     """Quantize ``model`` (.onnx) into ``output`` (.onnx) with a precision per MatMul (module docstring)."""
     from graphq.config import recipe_to_dict
-    from graphq.modelio import load_model, save_model, staging_dir
+    from graphq.modelio import load_model, move_staged_into_place, save_model, staging_dir
     from graphq.passes.cleanup import CleanupPass
     from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass
     from graphq.passes.weight_only_emit import WeightOnlyEmissionPass
@@ -296,11 +296,7 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
         verify_model_file(staged)
         file_bytes = sum(p.stat().st_size for p in staging.iterdir())
         stage_side_files(source, output, staging, signature_of_model(graph))
-        try:
-            for item in sorted(staging.iterdir()):
-                os.replace(item, output.parent / item.name)
-        except OSError as error:
-            raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
+        move_staged_into_place(staging, output)
     result = MixedResult(output, recipe, plan, file_bytes, time.perf_counter() - start)
     logger.info("mixed: %s at %.3f bits per weight (predicted KL %.4g) -> %s in %.1fs", plan.counts(), plan.average_bits,
                 plan.predicted_kl, output, result.seconds)

@@ -623,13 +623,19 @@ def save_verified(model: ir.Model, path: str | os.PathLike, verify: Callable[[Pa
         staged = staging / destination.name
         save_model(model, staged)
         verify(staged)
-        written = []
-        try:
-            for item in sorted(staging.iterdir()):
-                os.replace(item, destination.parent / item.name)
-                written.append(destination.parent / item.name)
-        except OSError as error:
-            raise OutputPathError(f"cannot move {destination} into place ({error.strerror or error})") from error
+        return move_staged_into_place(staging, destination)
+
+
+def move_staged_into_place(staging: Path, destination: Path) -> list[Path]:
+    """Move every file of ``staging`` into ``destination``'s folder (``os.replace``: atomic per file);
+    a failure is an :class:`OutputPathError`. Returns the paths written."""
+    written = []
+    try:
+        for item in sorted(staging.iterdir()):
+            os.replace(item, destination.parent / item.name)
+            written.append(destination.parent / item.name)
+    except OSError as error:
+        raise OutputPathError(f"cannot move {destination} into place ({error.strerror or error})") from error
     return written
 
 

@@ -38,7 +38,8 @@ from graphq.calibrate import calibration_windows, collect_statistics, window_fra
 from graphq.config import W8A8Recipe, recipe_to_dict
 from graphq.errors import GraphqError, InvalidModelError, OutputPathError, VerificationError
 from graphq.evaluate import load_tokenizer
-from graphq.modelio import check_output_path, load_model, release, resolve_model_file, save_model, staging_dir
+from graphq.modelio import (check_output_path, load_model, move_staged_into_place, release, resolve_model_file, save_model,
+                            staging_dir)
 from graphq.passes.cleanup import CleanupPass
 from graphq.passes.cuberoot_qdq import CubeRootQdqPass
 from graphq.passes.dedupe_initializers import DeduplicateInitializersPass
@@ -277,11 +278,7 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                                                         windows, progress=progress)
             del graph
             stage_side_files(source, output, staging, signature)
-            try:
-                for item in sorted(staging.iterdir()):
-                    os.replace(item, output.parent / item.name)
-            except OSError as error:
-                raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
+            move_staged_into_place(staging, output)
         return QuantizeResult(model_path=output, recipe=recipe, plan=plan, smoothing=smoothing, integer_kernels=integer,
                               kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start)
     calib = recipe.calibration
@@ -338,11 +335,7 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, recipe: 
             elif not integer:
                 raise VerificationError(f"ONNX Runtime runs no integer MatMul kernel on the quantized graph: {kernels}")
             stage_side_files(source, output, staging, signature_of_model(graph))
-            try:
-                for item in sorted(staging.iterdir()):
-                    os.replace(item, output.parent / item.name)
-            except OSError as error:
-                raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
+            move_staged_into_place(staging, output)
     result = QuantizeResult(model_path=output, recipe=recipe, plan=plan, smoothing=smoothing, integer_kernels=integer,
                             kept_float_nodes=len(kept_names), seconds=time.perf_counter() - start, weight_clip_k=clip_k)
     logger.info("quantized %d MatMuls in %.1fs; ORT integer kernels: %s", len(qdq.quantized), result.seconds, integer)

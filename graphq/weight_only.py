@@ -42,9 +42,10 @@ import onnx_ir as ir
 
 from graphq.blockwise import StagedCalibration, partition
 from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics, window_framing
-from graphq.errors import GraphqError, OutputPathError
+from graphq.errors import GraphqError
 from graphq.evaluate import load_tokenizer
-from graphq.modelio import ExternalDataSink, load_model, release, release_all, save_model, save_streamed, staging_dir
+from graphq.modelio import (ExternalDataSink, load_model, move_staged_into_place, release, release_all, save_model,
+                            save_streamed, staging_dir)
 from graphq.numerics.companding import CubeRootWeight, check_cuberoot_config, cuberoot_grid, quantize_cuberoot
 from graphq.numerics.weight_only import (
     QuantizedWeight,
@@ -449,11 +450,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             verify_streamed(staged)
         file_bytes = sum(p.stat().st_size for p in staging.iterdir())
         stage_side_files(source, output, staging, signature)
-        try:
-            for item in sorted(staging.iterdir()):
-                os.replace(item, output.parent / item.name)
-        except OSError as error:
-            raise OutputPathError(f"cannot move {output} into place ({error.strerror or error})") from error
+        move_staged_into_place(staging, output)
     result = WeightOnlyResult(model_path=output, recipe=recipe, quantized_nodes=tuple(planned_names), float_nodes=tuple(kept),
                               quantized_weights=weights + embedded,
                               weight_bits=embedded_bits + sum(summary[name][1] for name in planned_names),
