@@ -11,6 +11,7 @@ from graphq.numerics.weight_only import (
     WeightQuantConfig,
     awq_clip_search,
     awq_search,
+    gptq_factor,
     gptq_quantize,
     group_params,
     hessian_accumulate,
@@ -334,6 +335,40 @@ def test_gptq_with_clip_ratios(act_order):
     with pytest.raises(ValueError, match="clip_ratio must be"):
         gptq_quantize(w, _hessian(x), config, clip_ratio=np.ones((3, 3)))
     assert _output_error(x, w, clipped.dequantize()) < _output_error(x, w, quantize_rtn(w, config).dequantize())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_float32_agrees_with_float64(act_order, symmetric):
+    w, x = _weight(), _correlated_inputs()
+    h, config = _hessian(x), WeightQuantConfig(4, 32, symmetric)
+    f64 = gptq_factor(h, act_order=act_order)
+    f32 = gptq_factor(h, act_order=act_order, precision="float32")
+    assert f64.upper.dtype == np.float64 and f32.upper.dtype == np.float32
+    np.testing.assert_array_equal(f32.order, f64.order)
+    assert np.abs(f32.upper - f64.upper).max() <= 1e-4 * np.abs(f64.upper).max()
+    ratios = awq_clip_search(w, None, config, hessian=h)
+    np.testing.assert_array_equal(awq_clip_search(w, None, config, hessian=h, precision="float32"), ratios)
+    q64 = gptq_quantize(w, h, config, act_order=act_order, clip_ratio=ratios, factor=f64)
+    q32 = gptq_quantize(w, h, config, act_order=act_order, clip_ratio=ratios, factor=f32)
+    # float32 error feedback moves a few codes across a rounding boundary, and nothing else
+    assert np.mean(q32.q != q64.q) < 0.01 and np.abs(q32.q.astype(int) - q64.q).max() <= 1
+    assert _output_error(x, w, q32.dequantize()) == pytest.approx(_output_error(x, w, q64.dequantize()), rel=0.01)
+    np.testing.assert_array_equal(gptq_quantize(w, h, config, act_order=act_order, precision="float32").q,
+                                  gptq_quantize(w, h, config, act_order=act_order, factor=f32).q)
+
+
+def test_gptq_float32_identity_hessian_is_rtn():
+    w = _weight()
+    config = WeightQuantConfig(4, 32)
+    np.testing.assert_array_equal(gptq_quantize(w, np.eye(K), config, precision="float32").q, quantize_rtn(w, config).q)
+
+
+def test_gptq_precision_must_be_known():
+    with pytest.raises(ValueError, match="precision"):
+        gptq_factor(np.eye(4), precision="float16")
+    with pytest.raises(ValueError, match="precision"):
+        awq_clip_search(_weight(), None, WeightQuantConfig(4, 32), hessian=np.eye(K), precision="bfloat16")
 
 
 def test_gptq_identity_hessian_is_rtn():

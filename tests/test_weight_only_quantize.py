@@ -111,6 +111,8 @@ def test_non_dividing_group_without_padding_is_refused(tiny_llama_onnx, tmp_path
 def test_bad_gptq_settings_are_refused():
     with pytest.raises(GraphqError):
         GptqConfig(damp=0)
+    with pytest.raises(GraphqError, match="precision"):
+        GptqConfig(precision="float16")
     with pytest.raises(GraphqError):
         WeightOnlyRecipe(method="awq-ish")
     with pytest.raises(GraphqError):

@@ -61,6 +61,21 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("kn,kn->", d, h @ d) / 2)
 
 
+def block_weights_and_hessians(model_path: Path, block: int, windows: int, window_tokens: int
+                               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(node name, W, H)`` for the MatMuls of decoder block ``block`` of the float model, ``H`` from
+    ``windows`` windows of ``window_tokens`` tokens of ``wiki.valid.tokens`` (one float pass)."""
+    model = load_model(model_path)
+    prefix = f"/model/layers.{block}/"
+    nodes = [n for n in model.graph if n.op_type == "MatMul" and n.name.startswith(prefix) and constant_weight(n) is not None]
+    tokenizer = load_tokenizer(model_path, None)
+    framed = calibration_windows(tokenizer, CalibrationConfig(windows=windows, window_tokens=window_tokens),
+                                 window_framing(model))
+    inputs = list(dict.fromkeys(n.inputs[0].name for n in nodes))
+    stats = collect_statistics(model_path, inputs, framed, progress=False, make_accumulator=HessianAccumulator)
+    return [(n.name, constant_weight(n), stats[n.inputs[0].name].hessian) for n in nodes]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("/tmp/smol_onnx/model.onnx"))
@@ -69,19 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-tokens", type=int, default=512)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    model = load_model(args.model)
-    prefix = f"/model/layers.{args.block}/"
-    nodes = [n for n in model.graph if n.op_type == "MatMul" and n.name.startswith(prefix) and constant_weight(n) is not None]
-    tokenizer = load_tokenizer(args.model, None)
-    windows = calibration_windows(tokenizer, CalibrationConfig(windows=args.windows, window_tokens=args.window_tokens),
-                                  window_framing(model))
-    inputs = list(dict.fromkeys(n.inputs[0].name for n in nodes))
-    stats = collect_statistics(args.model, inputs, windows, progress=False, make_accumulator=HessianAccumulator)
     config = wo.WeightQuantConfig(4, 128, True)
     blocked = wo._inverse_cholesky_upper
     rows = []
-    for node in nodes:
-        h, w = stats[node.inputs[0].name].hessian, constant_weight(node)
+    for name, w, h in block_weights_and_hessians(args.model, args.block, args.windows, args.window_tokens):
         perm = np.argsort(-np.where(np.diag(h) == 0, 1.0, np.diag(h)), kind="stable")
         start = time.perf_counter()
         u_new = blocked(h, 0.01, order=perm)
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             wo._inverse_cholesky_upper = blocked
         rtn = output_error(w, wo.quantize_rtn(w, config, pad=True).dequantize(), h)
-        row = {"node": node.name, "K": int(w.shape[0]), "N": int(w.shape[1]),
+        row = {"node": name, "K": int(w.shape[0]), "N": int(w.shape[1]),
                "u_max_rel_diff": float(np.abs(u_new - u_ref).max() / np.abs(u_ref).max()),
                "codes_differing": float(np.mean(new.q != ref.q)),
                "error_blocked_over_rtn": output_error(w, new.dequantize(), h) / rtn,

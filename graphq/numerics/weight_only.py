@@ -55,6 +55,15 @@ parameters are computed up front from the original weights (the reference's ``st
 and each row is quantized with the parameters of the group it belongs to in the original order.
 The codes come back in the original order.
 
+GPTQ's precision (:data:`GPTQ_PRECISIONS`). ``H`` is always accumulated in float64. The factor ``U``
+and the row updates run in float64 or in float32; float32 halves the factor's memory (a 7B
+``down_proj``'s ``K x K`` is 0.48 GB instead of 0.97 GB) and roughly halves the time of the
+``O(K^3)`` factorisation and the ``O(K^2 N)`` lazy updates. The codes of a float32 row are
+bit-identical to rounding the same row in float64 (:func:`_codes_float32`); what changes is the
+rounding of the error feedback, so a few codes near a rounding boundary can differ
+(``tools/bench_gptq_precision.py`` measures how many and what it does to the layer output error and
+to perplexity). The GPTQ reference implementation runs all of it in float32.
+
 AWQ (Lin et al., 2023). Scaling input channel ``k`` of ``W`` by ``s_k`` before quantization and the
 activation by ``1 / s_k`` leaves ``y`` unchanged in exact arithmetic and shrinks the relative
 rounding error of the salient channels (those with large activations). :func:`awq_search` tries
@@ -187,9 +196,9 @@ class QuantizedWeight:
 # Round to nearest
 
 
-def _as_weight(weight: np.ndarray) -> np.ndarray:
-    """A float64 copy of a finite 2-D weight."""
-    w = np.array(weight, dtype=np.float64, copy=True)
+def _as_weight(weight: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """A float64 (or ``dtype``) copy of a finite 2-D weight."""
+    w = np.array(weight, dtype=dtype, copy=True)
     if w.ndim != 2 or w.size == 0:
         raise ValueError(f"expected a non-empty 2-D weight [K, N], got shape {w.shape}")
     if not np.isfinite(w).all():
@@ -296,6 +305,8 @@ def quantize_with_params(weight: np.ndarray, scales: np.ndarray, zero_points: np
 # its own (groups run along K), so the result is the same, and the float64 temporaries (about six
 # copies of the weight) stay at a few hundred MB even for a 7B model's [4096, 32000] LM head.
 RTN_CHUNK_ELEMENTS = 1 << 25
+# The precisions GPTQ's factor and updates can run in (``gptq_factor``; module docstring).
+GPTQ_PRECISIONS = ("float64", "float32")
 # GPTQ factors H once per chunk (O(K^3)), so it splits only the widest weights.
 GPTQ_CHUNK_ELEMENTS = 1 << 26
 
@@ -436,7 +447,8 @@ def _reverse_in_place(a: np.ndarray) -> None:
         a[k // 2] = a[k // 2, ::-1].copy()
 
 
-def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarray | None = None) -> np.ndarray:
+def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarray | None = None,
+                            dtype: type = np.float64) -> np.ndarray:
     """Upper ``U`` with ``U^T U = (H_P + lambda I)^-1``, ``lambda = damp * mean(diag H_P)``, raised x10 on
     failure, where ``H_P = H[order][:, order]`` with zero diagonal entries (inputs that never fired)
     replaced by 1. ``hessian`` itself is not modified.
@@ -445,10 +457,11 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarr
     ``(H_P + lambda I)^-1 = (J M^-1 J)^T (J M^-1 J)`` and ``J M^-1 J`` is upper triangular with a
     positive diagonal: the unique factor, from one factorisation.
 
-    Memory: one float64 ``K x K`` array, filled row by row with ``J H_P J`` and factorised, inverted
-    and reversed in place by blocks (:func:`_cholesky_lower_in_place`, :func:`_invert_lower_in_place`),
-    plus ``K x FACTOR_BLOCK`` temporaries; ``np.linalg.cholesky`` and ``np.linalg.inv`` would each copy
-    their input and output (about 5 ``K x K`` arrays, 1 GB each for a 7B ``down_proj``)."""
+    Memory: one ``K x K`` array of ``dtype`` (float64, or float32: :data:`GPTQ_PRECISIONS`), filled row
+    by row with ``J H_P J`` and factorised, inverted and reversed in place by blocks
+    (:func:`_cholesky_lower_in_place`, :func:`_invert_lower_in_place`), plus ``K x FACTOR_BLOCK``
+    temporaries; ``np.linalg.cholesky`` and ``np.linalg.inv`` would each copy their input and output
+    (about 5 ``K x K`` arrays, 1 GB each in float64 for a 7B ``down_proj``)."""
     k = hessian.shape[0]
     reverse = (np.arange(k) if order is None else np.asarray(order))[::-1]
     diagonal = np.diag(hessian)[reverse].astype(np.float64)
@@ -457,7 +470,7 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarr
     if not mean_diag > 0:
         raise GraphqError("the GPTQ Hessian has a non-positive mean diagonal; the calibration inputs are unusable")
     fraction = damp
-    a = np.empty((k, k), dtype=np.float64)
+    a = np.empty((k, k), dtype=dtype)
     for attempt in range(_DAMP_RETRIES + 1):
         for row, source in enumerate(reverse):
             a[row] = hessian[source, reverse]
@@ -486,7 +499,8 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarr
 class GptqGrid:
     """The quantization grid GPTQ rounds each row onto: ``params(grouped [.., G, N], ratio)`` gives a
     group's scales (float32) and zero points (uint8), ``round(row [N], scale [N], zero [N])`` a row's
-    codes (uint8) and their dequantized values (float64), ``result`` the class holding the outcome."""
+    codes (uint8) and their dequantized values (float64, or float32 for a float32 row where the grid
+    supports it), ``result`` the class holding the outcome."""
 
     params: Callable[[np.ndarray, np.ndarray | float], tuple[np.ndarray, np.ndarray]]
     round: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -497,6 +511,9 @@ def uniform_grid(config: WeightQuantConfig) -> GptqGrid:
     """The evenly spaced grid of :func:`quantize_rtn` (module docstring)."""
 
     def round_row(row: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if row.dtype == np.float32:  # the same codes at float32 cost; ``(q - z) s`` rounded once to float32
+            q = _codes_float32(row, scale, zero, config.qmax)
+            return q, (q.astype(np.float32) - zero.astype(np.float32)) * scale
         q = _codes(row, scale, zero, config.qmax)
         return q, (q.astype(np.float64) - zero) * scale.astype(np.float64)
 
@@ -513,8 +530,12 @@ class GptqFactor:
     upper: np.ndarray
 
 
-def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = False) -> GptqFactor:
-    """:class:`GptqFactor` of ``H [K, K]`` (validated: square, finite, ``damp >= 0``)."""
+def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = False,
+                precision: str = "float64") -> GptqFactor:
+    """:class:`GptqFactor` of ``H [K, K]`` (validated: square, finite, ``damp >= 0``), its ``U`` computed and
+    stored in ``precision`` (:data:`GPTQ_PRECISIONS`); GPTQ then runs its updates in that precision."""
+    if precision not in GPTQ_PRECISIONS:
+        raise ValueError(f"GPTQ precision must be one of {GPTQ_PRECISIONS}, got '{precision}'")
     h = np.asarray(hessian)  # not copied (1 GB in float64 for a 7B down_proj)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"expected a square Hessian, got shape {h.shape}")
@@ -525,24 +546,25 @@ def gptq_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = Fa
     diagonal = np.diag(h).astype(np.float64)
     diagonal[diagonal == 0] = 1.0  # inputs that never fired: H[k, k] = 1 (module docstring)
     order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(h.shape[0])
-    return GptqFactor(order, _inverse_cholesky_upper(h, damp, order=order))
+    return GptqFactor(order, _inverse_cholesky_upper(h, damp, order=order, dtype=np.dtype(precision).type))
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, config: WeightQuantConfig, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, pad: bool = False,
                   clip_ratio: float | np.ndarray = 1.0, factor: GptqFactor | None = None,
-                  grid: GptqGrid | None = None) -> QuantizedWeight:
+                  grid: GptqGrid | None = None, precision: str = "float64") -> QuantizedWeight:
     """GPTQ of ``W [K, N]`` given ``H [K, K]`` (:func:`hessian_accumulate`); see the module docstring.
 
     ``clip_ratio`` (a scalar or ``[n_groups, N]``, e.g. from :func:`awq_clip_search`) shrinks each
     group's range before its scale is taken, as in :func:`quantize_rtn`. Columns are independent
     (the error feedback runs along K), so weights above :data:`GPTQ_CHUNK_ELEMENTS` go in column chunks,
     all with one :func:`gptq_factor` of ``H`` (``factor``: one computed by the caller with the same
-    ``damp`` and ``act_order``, e.g. for several weights that read the same input)."""
+    ``damp`` and ``act_order``, e.g. for several weights that read the same input). The updates run in
+    the precision of the factor (``precision`` when none is given; module docstring)."""
     if factor is None:
         if np.ndim(weight) != 2 or np.shape(hessian) != (np.shape(weight)[0],) * 2:
             raise ValueError(f"Hessian shape {np.shape(hessian)} does not match a weight of shape {np.shape(weight)}")
-        factor = gptq_factor(hessian, damp=damp, act_order=act_order)
+        factor = gptq_factor(hessian, damp=damp, act_order=act_order, precision=precision)
     return by_column_chunks(_gptq_quantize, weight, GPTQ_CHUNK_ELEMENTS, clip_ratio, hessian=hessian, config=config,
                             factor=factor, block_size=block_size, act_order=act_order, pad=pad, grid=grid)
 
@@ -551,7 +573,8 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
                    block_size: int = 128, act_order: bool = False, pad: bool = False,
                    clip_ratio: float | np.ndarray = 1.0, grid: GptqGrid | None = None) -> QuantizedWeight:
     grid = grid or uniform_grid(config)
-    w = _as_weight(weight)
+    dtype = factor.upper.dtype
+    w = _as_weight(weight, dtype)
     k, n = w.shape
     h = np.asarray(hessian)
     if h.shape != (k, k) or factor.upper.shape != (k, k):
@@ -577,7 +600,7 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
         stop = min(start + block_size, k)
         block = w[start:stop]  # a view: updated in place
         block_u = upper[start:stop, start:stop]
-        errors = np.zeros((stop - start, n), dtype=np.float64)
+        errors = np.zeros((stop - start, n), dtype=dtype)
         for i in range(stop - start):
             row = start + i
             group = group_of[row]
@@ -590,9 +613,8 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
                 scales[group], zeros[group] = grid.params(current, ratios[group])
             q, dequantized = grid.round(block[i], scales[group], zeros[group])
             codes[row] = q
-            err = (block[i] - dequantized) / block_u[i, i]
-            block[i + 1:] -= np.outer(block_u[i, i + 1:], err)
-            errors[i] = err
+            errors[i] = (block[i] - dequantized) / block_u[i, i]
+            block[i + 1:] -= np.outer(block_u[i, i + 1:], errors[i])
         w[stop:] -= upper[start:stop, stop:].T @ errors
 
     original = np.empty_like(codes)
@@ -665,7 +687,8 @@ def awq_search(weight: np.ndarray, x_abs_mean: np.ndarray, x_sample: np.ndarray 
 
 def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: WeightQuantConfig, *, grid: int = 20,
                     max_shrink: float = 0.5, pad: bool = False, column_chunk: int = 4096,
-                    hessian: np.ndarray | None = None, levels: GptqGrid | None = None) -> np.ndarray:
+                    hessian: np.ndarray | None = None, levels: GptqGrid | None = None,
+                    precision: str = "float64") -> np.ndarray:
     """Per-group clip ratios ``[n_groups, N]`` (float64, for :func:`quantize_rtn`) minimising each group's
     output error ``mean_m (x_g[m] . (w_g - w_hat_g))^2`` on ``x_sample [M, K]``.
 
@@ -677,8 +700,12 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
     candidate costs one ``G x G`` by ``G x column_chunk`` product (few, large BLAS calls rather than
     many small ones, which multi-threaded BLAS runs poorly on a busy machine).
     ``levels``: the grid the weights are rounded onto (default the uniform one; e.g. the cube-root grid).
+    ``precision`` (:data:`GPTQ_PRECISIONS`): of the weights, Gram blocks and errors compared.
     """
-    w = _as_weight(weight)
+    if precision not in GPTQ_PRECISIONS:
+        raise ValueError(f"clip search precision must be one of {GPTQ_PRECISIONS}, got '{precision}'")
+    dtype = np.dtype(precision).type
+    w = _as_weight(weight, dtype)
     k, n = w.shape
     if grid < 1 or not 0 <= max_shrink < 1:
         raise ValueError(f"need grid >= 1 and max_shrink in [0, 1), got {grid}, {max_shrink}")
@@ -692,7 +719,7 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
             raise ValueError(f"expected a finite Hessian [{k}, {k}], got shape {h.shape}")
 
         def gram_of(rows: slice) -> np.ndarray:
-            return h[rows, rows] / 2.0
+            return (h[rows, rows] / 2.0).astype(dtype, copy=False)
     else:
         if x_sample is None:
             raise ValueError("give a calibration sample x or its Hessian")
@@ -701,7 +728,7 @@ def awq_clip_search(weight: np.ndarray, x_sample: np.ndarray | None, config: Wei
             raise ValueError(f"expected a finite sample [M, {k}] with M > 0, got shape {x.shape}")
 
         def gram_of(rows: slice) -> np.ndarray:
-            return x[:, rows].T @ x[:, rows]  # x_g^T x_g
+            return (x[:, rows].T @ x[:, rows]).astype(dtype, copy=False)  # x_g^T x_g
     ratios = [1.0 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
     rounding = levels or uniform_grid(config)
     best_ratio = np.ones((n_groups, n), dtype=np.float64)
