@@ -40,7 +40,7 @@ import onnx_ir as ir
 from graphq.calibrate import CalibrationConfig
 from graphq.errors import GraphqError
 from graphq.numerics.sensitivity import PRECISIONS, precision_config
-from graphq.numerics.weight_only import QuantizedWeight, quantize_rtn
+from graphq.numerics.weight_only import GPTQ_PRECISIONS, QuantizedWeight, quantize_rtn
 from graphq.passes.weight_only_emit import WeightOnlyEmitConfig
 from graphq.planner import DEFAULT_PRECISIONS, PrecisionPlan
 from graphq.runtime import signature_of_model
@@ -63,6 +63,7 @@ class MixedRecipe:
     act_order: bool = True  # GPTQ: quantize the inputs with the largest H[k, k] first
     damp: float = 0.01  # GPTQ: damping as a fraction of mean(diag H)
     clip_search: bool = True  # GPTQ: per-group clip ratios from AWQ's clip search on the Hessian first
+    precision: str = "float32"  # GPTQ: factor, clip search and updates (GptqConfig.precision)
     calibration: CalibrationConfig = CalibrationConfig(windows=16)  # GPTQ Hessians
     emit: WeightOnlyEmitConfig = WeightOnlyEmitConfig()
     embedding: str = "quantized"  # lookups tied to a quantized head share its codes; others int4
@@ -77,6 +78,8 @@ class MixedRecipe:
             raise GraphqError(f"recipe mixed: unknown precision(s) {unknown} (known: {', '.join(PRECISIONS)})")
         if self.embedding not in EMBEDDING_MODES:
             raise GraphqError(f"recipe mixed: embedding must be one of {EMBEDDING_MODES}, got '{self.embedding}'")
+        if self.precision not in GPTQ_PRECISIONS:
+            raise GraphqError(f"recipe mixed: precision must be one of {GPTQ_PRECISIONS}, got '{self.precision}'")
         object.__setattr__(self, "precisions", tuple(self.precisions))
 
 
@@ -169,7 +172,8 @@ def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: 
 
     def quantize(nodes: list[ir.Node], stats) -> dict[str, QuantizedWeight]:
         return {node.name: gptq_columns(constant_weight(node), stats[node.inputs[0].name].hessian, configs[node.name],
-                                        damp=recipe.damp, act_order=recipe.act_order, clip_search=recipe.clip_search)
+                                        damp=recipe.damp, act_order=recipe.act_order, clip_search=recipe.clip_search,
+                                        precision=recipe.precision)
                 for node in nodes}
 
     windows = calibration_windows(load_tokenizer(source, tokenizer_dir), recipe.calibration)
@@ -195,18 +199,19 @@ def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: 
 
 
 def gptq_columns(weight: np.ndarray, hessian: np.ndarray, config, *, damp: float, act_order: bool,
-                 clip_search: bool = False, columns: int = 4096) -> QuantizedWeight:
+                 clip_search: bool = False, columns: int = 4096, precision: str = "float64") -> QuantizedWeight:
     """GPTQ of ``W [K, N]`` a block of columns at a time: columns never interact in GPTQ (the updates
     run along ``K`` within each column, and the order depends on ``H`` alone), so this equals one call on
     the whole weight with bounded memory (the tied LM head is ``576 x 49152``). With ``clip_search``,
     each group's range is first shrunk by the ratio minimising its own output error under RTN
-    (:func:`~graphq.numerics.weight_only.awq_clip_search` on ``H``), as the ``w4-gptq`` recipe does."""
+    (:func:`~graphq.numerics.weight_only.awq_clip_search` on ``H``), as the ``w4-gptq`` recipe does.
+    ``precision``: of the factor, the clip search and the updates (``GptqConfig.precision``)."""
     from graphq.numerics.weight_only import awq_clip_search, gptq_factor, gptq_quantize
 
-    factor = gptq_factor(hessian, damp=damp, act_order=act_order)  # H alone: once for every column block
+    factor = gptq_factor(hessian, damp=damp, act_order=act_order, precision=precision)  # once for every column block
 
     def one_block(block: np.ndarray) -> QuantizedWeight:
-        ratios = awq_clip_search(block, None, config, pad=True, hessian=hessian) if clip_search else 1.0
+        ratios = awq_clip_search(block, None, config, pad=True, hessian=hessian, precision=precision) if clip_search else 1.0
         return gptq_quantize(block, hessian, config, damp=damp, act_order=act_order, pad=True, clip_ratio=ratios,
                              factor=factor)
 

@@ -145,3 +145,8 @@ def test_cli_mixed_with_target_ratio(analysis_file, tiny_llama_onnx, tmp_path, c
     assert "does not apply to the mixed recipe" in capsys.readouterr().err
     assert main(["quantize", str(tiny_llama_onnx), "-o", str(tmp_path / "u.onnx"), "--recipe", "w4-rtn", "--budget-bits", "4.5"]) == 1
     assert "applies to the mixed recipe only" in capsys.readouterr().err
+
+
+def test_unknown_gptq_precision_is_refused():
+    with pytest.raises(GraphqError, match="precision"):
+        MixedRecipe(precision="float16")
