@@ -29,9 +29,9 @@ from collections.abc import Mapping
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from graphq.passes.qdq_insert import new_initializer
+from graphq.passes.qdq_insert import drop_unused_weight, new_initializer
 from graphq.passes.weight_only_emit import BLOCKWISE_DQ_OPSET
-from graphq.passes.weight_only_emit import drop_unused_weight, named_matmuls
+from graphq.passes.weight_only_emit import named_matmuls
 
 from graphq.errors import GraphqError
 from graphq.numerics.companding import CubeRootWeight, codebook

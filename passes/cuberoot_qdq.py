@@ -31,6 +31,7 @@ from graphq.passes.qdq_insert import (
     INT8,
     QdqInsertionPass,
     constant_weight,
+    drop_unused_weight,
     new_initializer,
 )
 from graphq.passes.weight_only_emit import BLOCKWISE_DQ_OPSET
@@ -80,7 +81,7 @@ class CubeRootQdqPass(QdqInsertionPass):
             old_weight = node.inputs[1]
             node.replace_input_with(0, companded[x.name])
             node.replace_input_with(1, weight)
-            self._drop_if_unused(graph, old_weight)
+            drop_unused_weight(graph, old_weight)
             self.quantized.append(node.name)
         if self.quantized and self.weight_form == "dq-cube" and opset < BLOCKWISE_DQ_OPSET:
             model.opset_imports[""] = BLOCKWISE_DQ_OPSET  # DequantizeLinear with block_size

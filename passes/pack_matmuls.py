@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphq.passes.qdq_insert import INT8, QdqInsertionPass, new_initializer
+from graphq.passes.qdq_insert import INT8, drop_unused_weight, new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class PackMatMulsPass(ir.passes.InPlacePass):
         graph.insert_before(first, new_nodes)
         for member, weight in zip(members, weights):
             graph.remove(member, safe=True)
-            QdqInsertionPass._drop_if_unused(graph, weight)
+            drop_unused_weight(graph, weight)
         self.packed[name] = tuple(m.name for m in members)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.errors import GraphqError
-from graphq.passes.qdq_insert import QdqInsertionPass, constant_weight, new_initializer
+from graphq.passes.qdq_insert import constant_weight, drop_unused_weight, new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -157,4 +157,4 @@ class PegGroupingPass(ir.passes.InPlacePass):
             name = output.name
             output.name = f"{name}/float_matmul"
             result.name = name
-        QdqInsertionPass._drop_if_unused(graph, old_weight)
+        drop_unused_weight(graph, old_weight)

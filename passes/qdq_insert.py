@@ -139,6 +139,22 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def drop_unused_weight(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove a replaced weight that nothing reads any more: its initializer, and for a tied head read
+    through ``Transpose(embedding)`` the Transpose too (the embedding stays while the lookup uses it)."""
+    if value.uses() or value.is_graph_output():
+        return
+    producer = value.producer()
+    if producer is not None:  # Transpose of a tied embedding
+        source = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        value = source
+        if value.uses():
+            return
+    if value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+
+
 class QdqInsertionPass(ir.passes.InPlacePass):
     """Quantize the planned MatMuls to int8 weights and int8 activations."""
 
@@ -226,7 +242,7 @@ class QdqInsertionPass(ir.passes.InPlacePass):
         old_weight = node.inputs[1]
         node.replace_input_with(0, dq.outputs[0])
         node.replace_input_with(1, dq_w.outputs[0])
-        self._drop_if_unused(graph, old_weight)
+        drop_unused_weight(graph, old_weight)
 
     def _fused_token_kernels(self, model: ir.Model) -> bool:
         """Whether the planned MatMuls get the float32 kernel form (module docstring): every one's weight
@@ -277,7 +293,7 @@ class QdqInsertionPass(ir.passes.InPlacePass):
             name = output.name
             output.name = f"{name}/float_matmul"
             result.name = name
-        self._drop_if_unused(graph, old_weight)
+        drop_unused_weight(graph, old_weight)
 
     @staticmethod
     def _blocked_token_quantizer(graph, x, k: int, zero_points: dict[str, ir.Value]):
@@ -347,16 +363,3 @@ class QdqInsertionPass(ir.passes.InPlacePass):
             new.outputs[0].name = f"{name}/token_q{index}"
         return nodes, as_uint8.outputs[0], safe_scale.outputs[0]
 
-    @staticmethod
-    def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-        if value.uses() or value.is_graph_output():
-            return
-        producer = value.producer()
-        if producer is not None:  # Transpose of a tied embedding
-            source = producer.inputs[0]
-            graph.remove(producer, safe=True)
-            value = source
-            if value.uses():
-                return
-        if value.name in graph.initializers:
-            graph.initializers.pop(value.name)

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from graphq.errors import GraphqError
 from graphq.numerics.weight_only import QuantizedWeight, pack_matmul_nbits
-from graphq.passes.qdq_insert import new_initializer
+from graphq.passes.qdq_insert import drop_unused_weight, new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +72,6 @@ def named_matmuls(graph: ir.Graph, names, who: str) -> dict[str, ir.Node]:
     if missing:
         raise GraphqError(f"{who}: {missing[0]} is not a MatMul of the graph")
     return {name: nodes[name] for name in names}
-
-
-def drop_unused_weight(graph: ir.Graph, value: ir.Value) -> None:
-    if value.uses() or value.is_graph_output():
-        return
-    producer = value.producer()
-    if producer is not None:  # Transpose of a tied embedding
-        source = producer.inputs[0]
-        graph.remove(producer, safe=True)
-        value = source
-        if value.uses():
-            return
-    if value.name in graph.initializers:
-        graph.initializers.pop(value.name)
 
 
 class WeightOnlyEmissionPass(ir.passes.InPlacePass):
