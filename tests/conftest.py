@@ -64,6 +64,29 @@ def run_model(model: ir.Model | Path, feeds: dict[str, np.ndarray], tmp_path: Pa
     return cpu_session(path, optimization="disable").run(None, feeds)
 
 
+def single_matmul_model(w: np.ndarray, batch: tuple[int, ...], *, tied: bool = False) -> ir.Model:
+    """``y = x @ W`` as one MatMul named ``proj`` (input ``x [*batch, K]``, output ``y``); with ``tied``, ``W``
+    is stored transposed as ``embedding`` and read through a ``Transpose`` (``tie``), like a tied LM head."""
+    k, n = w.shape
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([*batch, k]))
+    nodes, initializers = [], []
+    if tied:
+        source = ir.Value(name="embedding", const_value=ir.tensor(w.T.copy()))
+        transpose = ir.node("Transpose", [source], attributes={"perm": [1, 0]}, name="tie")
+        nodes.append(transpose)
+        initializers.append(source)
+        weight = transpose.outputs[0]
+    else:
+        weight = ir.Value(name="w", const_value=ir.tensor(w))
+        initializers.append(weight)
+    matmul = ir.node("MatMul", [x, weight], name="proj")
+    matmul.outputs[0].name = "y"
+    matmul.outputs[0].dtype, matmul.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([*batch, n])
+    nodes.append(matmul)
+    graph = ir.Graph([x], [matmul.outputs[0]], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="g")
+    return ir.Model(graph, ir_version=10)
+
+
 def sha256_tree(path: Path) -> dict[str, str]:
     """Digest of every file under ``path`` (or of the file itself): proof that nothing changed."""
     import hashlib

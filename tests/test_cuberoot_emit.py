@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import run_model
+from conftest import run_model, single_matmul_model
 from graphq.passes.cuberoot_emit import CubeRootEmissionPass
 
 from graphq.errors import GraphqError
@@ -21,23 +21,7 @@ X = RNG.normal(size=(3, 7, K)).astype(np.float32)
 
 
 def _model(tied: bool = False) -> ir.Model:
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, 7, K]))
-    nodes, initializers = [], []
-    if tied:  # W stored transposed and used through Transpose, like a tied LM head
-        source = ir.Value(name="embedding", const_value=ir.tensor(W.T.copy()))
-        transpose = ir.node("Transpose", [source], attributes={"perm": [1, 0]}, name="tie")
-        nodes.append(transpose)
-        initializers.append(source)
-        weight = transpose.outputs[0]
-    else:
-        weight = ir.Value(name="w", const_value=ir.tensor(W))
-        initializers.append(weight)
-    matmul = ir.node("MatMul", [x, weight], name="proj")
-    matmul.outputs[0].name = "y"
-    matmul.outputs[0].dtype, matmul.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([3, 7, N])
-    nodes.append(matmul)
-    graph = ir.Graph([x], [matmul.outputs[0]], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="g")
-    return ir.Model(graph, ir_version=10)
+    return single_matmul_model(W, X.shape[:-1], tied=tied)
 
 
 @pytest.mark.parametrize("tied", [False, True])
