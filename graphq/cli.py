@@ -211,7 +211,7 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
                                     "--k": k_sigma, "--peg-groups": peg_groups, "--peg-permute": peg_permute}.items()
                      if v is not None]
         if misplaced:
-            raise GraphqError(f"{misplaced[0]} does not apply to the mixed recipe '{recipe.name}' (its precisions are int4/int8/float)")
+            raise GraphqError(f"{misplaced[0]} does not apply to the mixed recipe '{recipe.name}' (its precisions are int4/int4-g32-asym/int8/float)")
         if mixed_method is not None:
             recipe = dataclasses.replace(recipe, method=mixed_method)
         _quantize_mixed(model, output, recipe, budget_bits=budget_bits, target_ratio=target_ratio, analysis_path=analysis_path,
@@ -395,7 +395,7 @@ def _quantize_mixed(model: Path, output: Path, recipe, *, budget_bits: float | N
               help="Analysis JSON to write (also the cache: reused when it is this model's with the same options).")
 @click.option("--windows", type=int, default=None, help="Calibration windows of wiki.valid.tokens (default 4).")
 @click.option("--window-tokens", type=int, default=None, help="Tokens per calibration window (default 128).")
-@click.option("--precisions", default=None, help="Comma-separated precisions to measure (default int4,int8).")
+@click.option("--precisions", default=None, help="Comma-separated precisions to measure (default int4,int4-g32-asym,int8).")
 @click.option("--measured-others", type=int, default=None,
               help="Replays at the non-int4 precisions, most damaged nodes first (default 16; -1: every node).")
 @click.option("--lens", "lens_nodes", type=int, default=None, help="Nodes given the perturbation lens (default 8; 0: none).")

@@ -27,21 +27,23 @@ def test_analysis_structure(analysed, tiny_llama_onnx):
     assert len(analysis.nodes) == 15 and analysis.tokens == 3 * 31
     assert math.isfinite(analysis.float_nll)
     for node in analysis.nodes:
-        assert set(node.damage) == {"int4", "int8"}
+        assert set(node.damage) == {"int4", "int4-g32-asym", "int8"}
         assert node.damage["int4"].measured
         assert node.damage["int4"].kl > -1e-6  # float32 KL: tiny negatives are rounding
-        assert node.damage["int4"].local_error > node.damage["int8"].local_error > 0
+        assert node.damage["int4"].local_error > node.damage["int4-g32-asym"].local_error > node.damage["int8"].local_error > 0
         assert node.damage["int4"].bits == (4.5 if node.tied else 4.25) and node.damage["int8"].bits == (8.5 if node.tied else 8.25)
-        assert set(node.scales) == {"int4", "int8"} and node.scales["int4"]["max"] >= node.scales["int4"]["min"] > 0
+        assert node.damage["int4-g32-asym"].bits == 5.125  # 4 + 32 / 32 + 4 / 32, tied or not
+        assert set(node.scales) == {"int4", "int4-g32-asym", "int8"} and node.scales["int4"]["max"] >= node.scales["int4"]["min"] > 0
         assert node.weight["abs_max"] > 0 and node.role in node.name
     head = analysis.node("/lm_head/MatMul")
     assert head.tied and head.block is None and head.role == "lm_head"
-    # The 4 nodes with most int4 damage are replayed at int8; the others estimated from the local error ratio.
+    # The 4 nodes with most int4 damage are replayed at the other precisions; the others estimated from the local error ratio.
     ranked = sorted(analysis.nodes, key=lambda n: -n.damage["int4"].kl)
-    assert [n.damage["int8"].measured for n in ranked] == [True] * 4 + [False] * 11
-    for node in ranked[4:]:
-        ratio = node.damage["int8"].local_error / node.damage["int4"].local_error
-        assert node.damage["int8"].kl == pytest.approx(node.damage["int4"].kl * ratio)
+    for other in ("int4-g32-asym", "int8"):
+        assert [n.damage[other].measured for n in ranked] == [True] * 4 + [False] * 11
+        for node in ranked[4:]:
+            ratio = node.damage[other].local_error / node.damage["int4"].local_error
+            assert node.damage[other].kl == pytest.approx(node.damage["int4"].kl * ratio)
     lensed = [n for n in analysis.nodes if n.lens]
     assert len(lensed) == 2 and lensed[0].lens["real"] == lensed[0].damage["int4"].kl
     assert all(n.lens["gaussian"] > -1e-6 and n.lens["uniform"] > -1e-6 and n.lens["error_rms"] > 0 for n in lensed)
@@ -53,7 +55,7 @@ def test_analysis_structure(analysed, tiny_llama_onnx):
         assert stats.abs_max == max(abs(stats.min), abs(stats.max)) == max(stats.channel_abs_max)
         assert stats.std > 0 and stats.kurtosis > 1
         assert len(stats.channel_abs_max) == (128 if "mlp/Mul" in stats.tensor else 64)
-    assert analysis.timing["replays"] == 15 + 4 + 2 * 2
+    assert analysis.timing["replays"] == 15 + 2 * 4 + 2 * 2  # int4 everywhere, 4 each at the other two, the lens
     assert load_analysis(path) == analysis
 
 

@@ -25,7 +25,8 @@ perturbation with the same second moment ``sigma^2 = mean(E^2)``, either over th
 whether the quantizer hurts through the size of its error (same damage) or through its structure.
 
 **Precisions.** A plan gives each quantizable MatMul one of :data:`PRECISIONS`: ``int4`` (4-bit
-symmetric RTN, groups of 128 along ``K``), ``int8`` (the same at 8 bits) or ``float``. A tied LM head
+symmetric RTN, groups of 128 along ``K``), ``int4-g32-asym`` (4 bits in groups of 32 with a uint4 zero
+point each: 5.125 bits, between the two others), ``int8`` (symmetric, groups of 128) or ``float``. A tied LM head
 shares its codes with the embedding lookup, whose rows are cut into groups along the hidden size
 ``D``: its group is the largest power of two ``<= 128`` dividing ``D`` (64 for ``D = 576``; see
 :func:`graphq.passes.embedding_quant.embedding_group`). :func:`fake_quantize` returns the dequantized
@@ -52,6 +53,7 @@ NOISE_KINDS = ("gaussian", "uniform")
 NOISE_SCOPES = ("tensor", "group")
 PRECISIONS: dict[str, WeightQuantConfig | None] = {
     "int4": WeightQuantConfig(bits=4, group_size=128, symmetric=True),
+    "int4-g32-asym": WeightQuantConfig(bits=4, group_size=32, symmetric=False),
     "int8": WeightQuantConfig(bits=8, group_size=128, symmetric=True),
     "float": None,
 }
