@@ -20,6 +20,16 @@ forwards; instead, the graph is cut into *stages* and each stage runs alone on c
   graph; :meth:`StagedCalibration.advance` runs it again to produce the stage's outputs for the
   stages after it, and drops cached tensors no later stage reads.
 
+With ``reference=True`` (asymmetric calibration, :mod:`graphq.numerics.asymmetric`) a second cache
+follows the *float* model: :meth:`StagedCalibration.hold_reference` builds a session of the stage with
+its weights as they are before the caller rounds them, :meth:`StagedCalibration.calibrate` with
+``reference=True`` feeds each accumulator the pair (tensor in the current model, the same tensor in
+the float model) window by window, and :meth:`StagedCalibration.advance` advances the float cache with
+the held session. A stage the caller did not hold (nothing quantized in it) runs on its current
+weights; while both caches hold the same arrays for its inputs (the prelude) the float cache shares
+the outputs instead of computing them again. Memory: a second copy of one stage's weights (in the
+held session) and a second cache of boundary tensors.
+
 Cost: two forwards of the model per window in total, whatever the depth (plus one session per stage).
 Memory: the weights of one stage (external data is read into the stage's protobuf, then its memory
 map is released, so a model larger than RAM calibrates stage by stage) and, per window, the tensors that cross a stage boundary (those
@@ -202,13 +212,16 @@ class StagedCalibration:
     """
 
     def __init__(self, model: ir.Model, stages: list[Stage], windows: np.ndarray, *, threads: int = 2,
-                 progress: bool = True) -> None:
+                 progress: bool = True, reference: bool = False) -> None:
         self.model = model
         self._stages = stages
         self.threads = threads
         self.progress = progress
         signature = signature_of_model(model)
         self.cache: list[dict[str, np.ndarray]] = [build_feeds(signature, row[None, :].astype(np.int64)) for row in windows]
+        # the float model's tensors at the stage boundaries (module docstring), or None
+        self.reference: list[dict[str, np.ndarray]] | None = [dict(c) for c in self.cache] if reference else None
+        self._held: tuple[StageKey, ort.InferenceSession, list[str]] | None = None
 
     def stages(self) -> Iterator[Stage]:
         bar = tqdm(total=len(self._stages), desc="blockwise calibration", unit="stage", disable=not self.progress or None)
@@ -233,9 +246,10 @@ class StagedCalibration:
             raise GraphqError(f"blockwise calibration: ONNX Runtime cannot load {stage.label}: "
                               f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
 
-    def _run(self, stage: Stage, outputs: Sequence[str]) -> Iterator[tuple[int, list[np.ndarray]]]:
-        session = self._session(stage, outputs)
-        for index, cached in enumerate(self.cache):
+    def _run(self, stage: Stage, outputs: Sequence[str], *, session: ort.InferenceSession | None = None,
+             cache: list[dict[str, np.ndarray]] | None = None) -> Iterator[tuple[int, list[np.ndarray]]]:
+        session = session or self._session(stage, outputs)
+        for index, cached in enumerate(self.cache if cache is None else cache):
             try:
                 yield index, session.run(list(outputs), {name: cached[name] for name in stage.inputs})
             except GraphqError:
@@ -244,29 +258,68 @@ class StagedCalibration:
                 raise GraphqError(f"blockwise calibration: {stage.label} failed on window {index}: "
                                   f"{str(error).strip().splitlines()[0]}") from error
 
-    def calibrate(self, stage: Stage, tensor_names: Iterable[str], make_accumulator: Callable[[], Accumulator]
-                  ) -> dict[str, Accumulator]:
-        """Statistics of ``tensor_names`` (computed inside ``stage``) over every window."""
+    def hold_reference(self, stage: Stage, tensor_names: Iterable[str]) -> None:
+        """Freeze ``stage``'s current weights as its float reference: a session computing ``tensor_names``
+        and the stage's outputs, used by :meth:`calibrate` (``reference=True``) and :meth:`advance`."""
+        if self.reference is None:
+            raise GraphqError("blockwise calibration: hold_reference needs a StagedCalibration built with reference=True")
+        names = list(dict.fromkeys([*tensor_names, *stage.outputs]))
+        self._held = (stage.key, self._session(stage, names), names)
+
+    def _reference_runs(self, stage: Stage) -> Iterator[dict[str, np.ndarray]]:
+        if self._held is None or self._held[0] != stage.key:
+            raise GraphqError(f"blockwise calibration: no float reference held for {stage.label} (call hold_reference first)")
+        _, session, names = self._held
+        for _, arrays in self._run(stage, names, session=session, cache=self.reference):
+            yield dict(zip(names, arrays))
+
+    def calibrate(self, stage: Stage, tensor_names: Iterable[str], make_accumulator: Callable[[], Accumulator], *,
+                  reference: bool = False) -> dict[str, Accumulator]:
+        """Statistics of ``tensor_names`` (computed inside ``stage``) over every window. ``reference``: each
+        accumulator's ``update(array, reference_array)`` also gets the tensor of the float model
+        (:meth:`hold_reference`), window by window."""
         names = list(dict.fromkeys(tensor_names))
         stats = {name: make_accumulator() for name in names}
-        if names:
-            for index, arrays in self._run(stage, names):
-                for name, array in zip(names, arrays):
-                    try:
+        if not names:
+            return stats
+        references = self._reference_runs(stage) if reference else None
+        for index, arrays in self._run(stage, names):
+            paired = next(references) if references is not None else None
+            for name, array in zip(names, arrays):
+                try:
+                    if paired is None:
                         stats[name].update(array)
-                    except ValueError as error:
-                        raise GraphqError(f"tensor '{name}' in calibration window {index}: {error}") from error
+                    else:
+                        stats[name].update(array, paired[name])
+                except ValueError as error:
+                    raise GraphqError(f"tensor '{name}' in calibration window {index}: {error}") from error
         return stats
 
     def advance(self, stage: Stage) -> None:
-        """Compute ``stage``'s outputs with the model's current weights; forget what no later stage reads."""
+        """Compute ``stage``'s outputs with the model's current weights (and the float cache's with the
+        held reference); forget what no later stage reads."""
         if stage.outputs:
+            held = self._held if self._held is not None and self._held[0] == stage.key else None
+            shared = self.reference is not None and held is None and all(
+                ref.get(name) is cached.get(name) for ref, cached in zip(self.reference, self.cache) for name in stage.inputs)
             for index, arrays in self._run(stage, stage.outputs):
                 computed = dict(zip(stage.outputs, arrays))
                 for name in stage.window_independent:  # e.g. a transposed weight: keep one copy, not one per window
                     computed[name] = self.cache[0].get(name, computed[name])
                 self.cache[index].update(computed)
+                if shared:
+                    self.reference[index].update(computed)
+            if self.reference is not None and not shared:
+                runs = (self._reference_runs(stage) if held is not None else
+                        (dict(zip(stage.outputs, arrays)) for _, arrays in self._run(stage, stage.outputs, cache=self.reference)))
+                for index, computed in enumerate(runs):
+                    computed = {name: computed[name] for name in stage.outputs}
+                    for name in stage.window_independent:
+                        computed[name] = self.reference[0].get(name, computed[name])
+                    self.reference[index].update(computed)
+        self._held = None
         later = {name for s in self._stages if s.key > stage.key for name in s.inputs}
-        for cached in self.cache:
-            for name in [n for n in cached if n not in later]:
-                del cached[name]
+        for cache in (self.cache, self.reference or []):
+            for cached in cache:
+                for name in [n for n in cached if n not in later]:
+                    del cached[name]
