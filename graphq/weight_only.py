@@ -17,7 +17,18 @@
    With ``sequential`` (default) the statistics of block ``b`` come from the graph whose blocks
    ``< b`` are already quantized (fake-quantized float weights), one block at a time
    (:mod:`graphq.blockwise`), as in the GPTQ and AWQ papers; otherwise from the float model in
-   one pass.
+   one pass. Two GPTQ refinements of the block-by-block path (``GptqConfig``):
+   - ``true_sequential``: inside a block, the MatMuls that share an input are quantized together, one
+     input after another in graph order ([q, k, v], [o], [gate, up], [down]); after each, their
+     fake-quantized weights are written and the block is calibrated again, so each input's ``H`` sees
+     the block's earlier MatMuls quantized. With ``awq_scales`` every AWQ scale of the block is searched
+     on the float-weight statistics and folded first (later inputs first, as without the option); the
+     sequential GPTQ then calibrates on the folded block.
+   - ``asymmetric`` (GPTAQ, :mod:`graphq.numerics.asymmetric`): a second, float cache of the stage
+     inputs follows the float model; each MatMul's input is collected from both, ``X_q`` (the quantized
+     model) and ``X_f`` (the float model), and GPTQ rounds ``W' = W + alpha (H + lambda I)^-1 C W``,
+     ``C = 2 X_q^T (X_f - X_q) / n``, which minimises ``||X_q W_hat - X_f W||^2`` instead of
+     ``||X_q (W_hat - W)||^2``; without upstream error (``X_f = X_q``) it is plain GPTQ bit for bit.
    With ``grid = "cuberoot"`` (recipes ``w4-cuberoot``, ``w4-cuberoot-gptq``), RTN or GPTQ (with the
    clip search evaluated on the same levels) rounds on the cube-root companded grid instead
    (:mod:`graphq.numerics.companding`: levels ``sigma (q - 2^(b-1))^3``); a tied LM head that

@@ -7,16 +7,25 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from conftest import run_model
 
 from graphq.blockwise import StagedCalibration, partition
 from graphq.calibrate import CalibrationConfig
 from graphq.config import RECIPES
 from graphq.errors import GraphqError
 from graphq.numerics.asymmetric import asymmetric_target, cross_accumulate
-from graphq.numerics.weight_only import WeightQuantConfig, gptq_factor, gptq_quantize, hessian_accumulate
-from graphq.weight_only import GptqConfig, HessianAccumulator, PairedAccumulator, quantize_weights
-
-from conftest import run_model
+from graphq.numerics.weight_only import (
+    WeightQuantConfig,
+    gptq_factor,
+    gptq_quantize,
+    hessian_accumulate,
+)
+from graphq.weight_only import (
+    GptqConfig,
+    HessianAccumulator,
+    PairedAccumulator,
+    quantize_weights,
+)
 
 RNG = np.random.default_rng(7)
 WINDOWS = np.random.default_rng(0).integers(0, 250, size=(3, 24))
@@ -155,9 +164,9 @@ def plain_w4(tiny_llama_onnx, tmp_path_factory):
     return _packed(out)
 
 
-@pytest.mark.parametrize("options", [dict(true_sequential=True), dict(asymmetric=True),
-                                     dict(true_sequential=True, asymmetric=True),
-                                     dict(true_sequential=True, asymmetric=True, awq_scales=True)])
+@pytest.mark.parametrize("options", [{"true_sequential": True}, {"asymmetric": True},
+                                     {"true_sequential": True, "asymmetric": True},
+                                     {"true_sequential": True, "asymmetric": True, "awq_scales": True}])
 def test_options_end_to_end(options, tiny_llama_onnx, plain_w4, tmp_path):
     out = tmp_path / "model.onnx"
     result = quantize_weights(tiny_llama_onnx, out, _recipe(**options), progress=False)
