@@ -386,7 +386,7 @@ def _quantize_stage(graph: ir.Model, runner: StagedCalibration, stage: Stage, no
     if options.awq_scales:
         _fold_awq_scales(graph, groups, runner.calibrate(stage, list(groups), HessianAccumulator), recipe)
     if asymmetric:  # the float weights (AWQ scales folded: the same function) before any is rounded
-        runner.hold_reference(stage, list(groups))
+        runner.hold_reference(stage)
     accumulator = PairedAccumulator if asymmetric else HessianAccumulator
     batches = [[name] for name in groups] if true_sequential else [list(groups)]
     quantized: dict[str, QuantizedWeight] = {}

@@ -107,13 +107,13 @@ def test_reference_cache_follows_the_float_model(tiny_llama_onnx):
         found = None
         for stage in runner.stages():
             if stage.key == (0, 0) and reference:
-                runner.hold_reference(stage, [])
+                runner.hold_reference(stage)
             if stage.key == (0, 0) and perturb:
                 down = next(n for n in stage.nodes if n.name.endswith("down_proj/MatMul"))
                 down.inputs[1].const_value = ir.tensor(down.inputs[1].const_value.numpy() * 3.0)
             if stage.key == (1, 0):
                 if reference:
-                    runner.hold_reference(stage, [name])
+                    runner.hold_reference(stage)
                     found = runner.calibrate(stage, [name], PairedAccumulator, reference=True)[name]
                 else:
                     found = runner.calibrate(stage, [name], HessianAccumulator)[name]
@@ -135,7 +135,7 @@ def test_hold_reference_needs_a_reference_runner(tiny_llama_onnx):
     stages = partition(model)
     runner = StagedCalibration(model, stages, WINDOWS, threads=1, progress=False)
     with pytest.raises(GraphqError, match="reference=True"):
-        runner.hold_reference(stages[1], [])
+        runner.hold_reference(stages[1])
 
 
 def _recipe(**gptq):
