@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from conftest import run_model
 
-from graphq.blockwise import StagedCalibration, partition
+from graphq.blockwise import StagedCalibration, partition, stage_model
 from graphq.calibrate import CalibrationConfig
 from graphq.config import RECIPES
 from graphq.errors import GraphqError
@@ -208,3 +208,23 @@ def test_asymmetric_without_upstream_error_changes_nothing(tiny_llama_onnx, plai
     assert a.keys() == p.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], p[name])
+
+
+def test_stage_model_keeps_only_the_nodes_an_output_needs(tiny_llama_onnx):
+    """Calibrating q/k/v's input runs the block's first norm only, with the same values as the whole stage."""
+    model = ir.load(tiny_llama_onnx)
+    stages = partition(model)
+    runner = StagedCalibration(model, stages, WINDOWS, threads=1, progress=False)
+    for stage in runner.stages():
+        if stage.key == (0, 0):
+            break
+        runner.advance(stage)
+    name = next(n for n in stage.nodes if n.name.endswith("q_proj/MatMul")).inputs[0].name
+    types = {i: runner.cache[0][i].dtype for i in stage.inputs}
+    small = onnx.load_from_string(stage_model(model, stage, [name], types))
+    full = onnx.load_from_string(stage_model(model, stage, [name, *stage.outputs], types))
+    assert 0 < len(small.graph.node) < len(full.graph.node) // 4
+    assert not any("MatMul" in n.op_type for n in small.graph.node)
+    (alone,) = next(runner._run(stage, [name]))[1]
+    together = next(runner._run(stage, [name, *stage.outputs]))[1][0]
+    np.testing.assert_array_equal(alone, together)
