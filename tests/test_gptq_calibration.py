@@ -142,7 +142,7 @@ def _recipe(**gptq):
     base = RECIPES["w4-gptq"]
     return dataclasses.replace(base, calibration=CalibrationConfig(windows=2, window_tokens=64),
                                weights=dataclasses.replace(base.weights, group_size=32),
-                               gptq=dataclasses.replace(base.gptq, **gptq))
+                               gptq=dataclasses.replace(base.gptq, **{"true_sequential": False, "asymmetric": False, **gptq}))
 
 
 def _initializers(path):
