@@ -493,9 +493,8 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             if stages is None:
                 if recipe.sequential:
                     logger.warning("weight-only %s: the graph cannot be cut into blocks; calibrating on the float model", recipe.name)
-                if recipe.method == "gptq" and (recipe.gptq.true_sequential or recipe.gptq.asymmetric):
-                    logger.warning("weight-only %s: true_sequential and asymmetric apply block by block only; ignored",
-                                   recipe.name)
+                if recipe.method == "gptq" and recipe.gptq.asymmetric:  # true_sequential too, but it is the default
+                    logger.warning("weight-only %s: asymmetric calibration applies block by block only; ignored", recipe.name)
                 if streamed:
                     raise GraphqError(f"{source}: streamed {recipe.method} calibrates block by block, but the graph "
                                       "cannot be cut into blocks (or the recipe is not sequential)")
