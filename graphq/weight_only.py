@@ -111,14 +111,15 @@ class GptqConfig:
     # fake-quantized weights, so o_proj sees quantized q/k/v and down_proj quantized gate/up (the GPTQ
     # reference's --true-sequential). With awq_scales, every AWQ scale of the block is searched and
     # folded first, from the block's float-weight statistics (as without this option).
-    # SmolLM2-135M w4-gptq (float64), 40 windows: ppl 34.549 -> 34.099 (1.202x -> 1.187x float);
-    # quantize 3:35 on 2 cores (before stage pruning), about 2.5 stage forwards more per block.
-    true_sequential: bool = True
+    # Off: no reliable gain measured. SmolLM2-135M w4-gptq, 40 windows: float64 GPTQ 34.549 -> 34.099,
+    # but float32 GPTQ (the default precision) 34.274 -> 34.456; the float64/float32 difference alone
+    # is 0.28, so both effects are within that noise. It costs about 1.6x the quantize CPU time.
+    true_sequential: bool = False
     # Block by block only: asymmetric calibration (GPTAQ; graphq.numerics.asymmetric): GPTQ rounds
     # W' = W + alpha (H + lambda I)^-1 C W, C = 2 X_q^T (X_f - X_q) / n, so the quantized layer matches
     # the float model's output X_f W instead of X_q W. X_f comes from a float copy of each block
     # (blockwise.StagedCalibration with reference=True). Off: SmolLM2-135M w4-gptq (float64) with
-    # true_sequential, alpha 1: ppl 34.132 against 34.099 without it, at twice the quantize time.
+    # true_sequential, alpha 1: ppl 34.132 against 34.099 without it, at twice the quantize CPU time.
     asymmetric: bool = False
     asymmetric_alpha: float = 1.0
 
@@ -493,8 +494,9 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             if stages is None:
                 if recipe.sequential:
                     logger.warning("weight-only %s: the graph cannot be cut into blocks; calibrating on the float model", recipe.name)
-                if recipe.method == "gptq" and recipe.gptq.asymmetric:  # true_sequential too, but it is the default
-                    logger.warning("weight-only %s: asymmetric calibration applies block by block only; ignored", recipe.name)
+                if recipe.method == "gptq" and (recipe.gptq.true_sequential or recipe.gptq.asymmetric):
+                    logger.warning("weight-only %s: true_sequential and asymmetric apply block by block only; ignored",
+                                   recipe.name)
                 if streamed:
                     raise GraphqError(f"{source}: streamed {recipe.method} calibrates block by block, but the graph "
                                       "cannot be cut into blocks (or the recipe is not sequential)")
