@@ -20,6 +20,19 @@ forwards; instead, the graph is cut into *stages* and each stage runs alone on c
   graph; :meth:`StagedCalibration.advance` runs it again to produce the stage's outputs for the
   stages after it, and drops cached tensors no later stage reads.
 
+With ``reference=True`` (asymmetric calibration, :mod:`graphq.numerics.asymmetric`) a second cache
+follows the *float* model: :meth:`StagedCalibration.hold_reference` keeps the stage's constants as
+they are before the caller rounds its weights; :meth:`StagedCalibration.calibrate` with
+``reference=True`` feeds each accumulator the pair (tensor in the current model, the same tensor in
+the float model: a session built with the held constants swapped in, run on the float cache) window by
+window, and :meth:`StagedCalibration.advance` advances the float cache the same way. A stage the caller
+did not hold (nothing quantized in it) runs on its current weights; while both caches hold the same
+arrays for its inputs (the prelude) the float cache shares the outputs instead of computing them again.
+Memory: a second copy of one stage's weights (the held tensors) and a second cache of boundary tensors.
+
+A stage model keeps only the nodes its requested outputs depend on, so calibrating the input of an
+early MatMul of a block runs only the part of the block before it.
+
 Cost: two forwards of the model per window in total, whatever the depth (plus one session per stage).
 Memory: the weights of one stage (external data is read into the stage's protobuf, then its memory
 map is released, so a model larger than RAM calibrates stage by stage) and, per window, the tensors that cross a stage boundary (those
@@ -151,16 +164,29 @@ def _is_constant(value: ir.Value) -> bool:
     return value.const_value is not None and not value.is_graph_input()
 
 
+def _needed_nodes(nodes: list[ir.Node], outputs: Sequence[str]) -> list[ir.Node]:
+    """The nodes of ``nodes`` (in order) that ``outputs`` depend on: a stage run for a tensor early in a
+    block (q/k/v's input) runs only the nodes before it."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(v is not None and v.name in needed for v in node.outputs):
+            kept.append(node)
+            needed.update(v.name for v in node.inputs if v is not None)
+    return kept[::-1]
+
+
 def stage_model(model: ir.Model, stage: Stage, outputs: Sequence[str], input_types: dict[str, np.dtype], *,
                 as_inputs: Iterable[str] = ()) -> bytes:
     """A serialized ONNX model of ``stage``'s nodes and constants, with the stage's external tensors
-    as inputs (typed from the arrays that will feed them) and ``outputs`` as outputs.
+    as inputs (typed from the arrays that will feed them) and ``outputs`` as outputs. Only the nodes
+    ``outputs`` depend on are kept (the stage's inputs all stay graph inputs).
 
     Constants named in ``as_inputs`` become graph inputs too (after the stage's own inputs, typed and
     shaped from their values), so a caller can feed other values for them at each run."""
     fed = set(as_inputs)
     constants, constant_inputs = {}, {}
-    for node in stage.nodes:
+    nodes = _needed_nodes(stage.nodes, outputs)
+    for node in nodes:
         for value in node.inputs:
             if value is None or not _is_constant(value) or value.name in constants or value.name in constant_inputs:
                 continue
@@ -177,7 +203,7 @@ def stage_model(model: ir.Model, stage: Stage, outputs: Sequence[str], input_typ
             del const
             release(value)
     graph = onnx.helper.make_graph(
-        [ir.serde.serialize_node(node) for node in stage.nodes],
+        [ir.serde.serialize_node(node) for node in nodes],
         f"stage_{stage.key[0]}_{stage.key[1]}",
         [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(input_types[name])), None)
          for name in stage.inputs] + list(constant_inputs.values()),
@@ -202,13 +228,16 @@ class StagedCalibration:
     """
 
     def __init__(self, model: ir.Model, stages: list[Stage], windows: np.ndarray, *, threads: int = 2,
-                 progress: bool = True) -> None:
+                 progress: bool = True, reference: bool = False) -> None:
         self.model = model
         self._stages = stages
         self.threads = threads
         self.progress = progress
         signature = signature_of_model(model)
         self.cache: list[dict[str, np.ndarray]] = [build_feeds(signature, row[None, :].astype(np.int64)) for row in windows]
+        # the float model's tensors at the stage boundaries (module docstring), or None
+        self.reference: list[dict[str, np.ndarray]] | None = [dict(c) for c in self.cache] if reference else None
+        self._held: tuple[StageKey, list[tuple[ir.Value, ir.TensorProtocol | None]]] | None = None
 
     def stages(self) -> Iterator[Stage]:
         bar = tqdm(total=len(self._stages), desc="blockwise calibration", unit="stage", disable=not self.progress or None)
@@ -233,9 +262,10 @@ class StagedCalibration:
             raise GraphqError(f"blockwise calibration: ONNX Runtime cannot load {stage.label}: "
                               f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
 
-    def _run(self, stage: Stage, outputs: Sequence[str]) -> Iterator[tuple[int, list[np.ndarray]]]:
-        session = self._session(stage, outputs)
-        for index, cached in enumerate(self.cache):
+    def _run(self, stage: Stage, outputs: Sequence[str], *, session: ort.InferenceSession | None = None,
+             cache: list[dict[str, np.ndarray]] | None = None) -> Iterator[tuple[int, list[np.ndarray]]]:
+        session = session or self._session(stage, outputs)
+        for index, cached in enumerate(self.cache if cache is None else cache):
             try:
                 yield index, session.run(list(outputs), {name: cached[name] for name in stage.inputs})
             except GraphqError:
@@ -244,29 +274,75 @@ class StagedCalibration:
                 raise GraphqError(f"blockwise calibration: {stage.label} failed on window {index}: "
                                   f"{str(error).strip().splitlines()[0]}") from error
 
-    def calibrate(self, stage: Stage, tensor_names: Iterable[str], make_accumulator: Callable[[], Accumulator]
-                  ) -> dict[str, Accumulator]:
-        """Statistics of ``tensor_names`` (computed inside ``stage``) over every window."""
+    def hold_reference(self, stage: Stage) -> None:
+        """Keep ``stage``'s current constants (before the caller rounds its weights) as its float
+        reference, used by :meth:`calibrate` (``reference=True``) and :meth:`advance`: references to the
+        tensors, which the caller replaces rather than changes (one extra copy of the stage's weights)."""
+        if self.reference is None:
+            raise GraphqError("blockwise calibration: hold_reference needs a StagedCalibration built with reference=True")
+        values = dict.fromkeys(v for n in stage.nodes for v in n.inputs if v is not None and _is_constant(v))
+        self._held = (stage.key, [(value, value.const_value) for value in values])
+
+    def _reference_session(self, stage: Stage, outputs: Sequence[str]) -> ort.InferenceSession:
+        """A session of ``stage`` built with the held float constants swapped in (then swapped back)."""
+        if self._held is None or self._held[0] != stage.key:
+            raise GraphqError(f"blockwise calibration: no float reference held for {stage.label} (call hold_reference first)")
+        current = [(value, value.const_value) for value, _ in self._held[1]]
+        try:
+            for value, tensor in self._held[1]:
+                value.const_value = tensor
+            return self._session(stage, outputs)
+        finally:
+            for value, tensor in current:
+                value.const_value = tensor
+
+    def calibrate(self, stage: Stage, tensor_names: Iterable[str], make_accumulator: Callable[[], Accumulator], *,
+                  reference: bool = False) -> dict[str, Accumulator]:
+        """Statistics of ``tensor_names`` (computed inside ``stage``) over every window. ``reference``: each
+        accumulator's ``update(array, reference_array)`` also gets the tensor of the float model
+        (:meth:`hold_reference`), window by window."""
         names = list(dict.fromkeys(tensor_names))
         stats = {name: make_accumulator() for name in names}
-        if names:
-            for index, arrays in self._run(stage, names):
-                for name, array in zip(names, arrays):
-                    try:
+        if not names:
+            return stats
+        references = (self._run(stage, names, session=self._reference_session(stage, names), cache=self.reference)
+                      if reference else None)
+        for index, arrays in self._run(stage, names):
+            paired = next(references)[1] if references is not None else None
+            for position, (name, array) in enumerate(zip(names, arrays)):
+                try:
+                    if paired is None:
                         stats[name].update(array)
-                    except ValueError as error:
-                        raise GraphqError(f"tensor '{name}' in calibration window {index}: {error}") from error
+                    else:
+                        stats[name].update(array, paired[position])
+                except ValueError as error:
+                    raise GraphqError(f"tensor '{name}' in calibration window {index}: {error}") from error
         return stats
 
     def advance(self, stage: Stage) -> None:
-        """Compute ``stage``'s outputs with the model's current weights; forget what no later stage reads."""
+        """Compute ``stage``'s outputs with the model's current weights (and the float cache's with the
+        held reference); forget what no later stage reads."""
         if stage.outputs:
+            held = self._held if self._held is not None and self._held[0] == stage.key else None
+            shared = self.reference is not None and held is None and all(
+                ref.get(name) is cached.get(name) for ref, cached in zip(self.reference, self.cache) for name in stage.inputs)
             for index, arrays in self._run(stage, stage.outputs):
                 computed = dict(zip(stage.outputs, arrays))
                 for name in stage.window_independent:  # e.g. a transposed weight: keep one copy, not one per window
                     computed[name] = self.cache[0].get(name, computed[name])
                 self.cache[index].update(computed)
+                if shared:
+                    self.reference[index].update(computed)
+            if self.reference is not None and not shared:
+                session = self._reference_session(stage, stage.outputs) if held is not None else None
+                for index, arrays in self._run(stage, stage.outputs, session=session, cache=self.reference):
+                    computed = dict(zip(stage.outputs, arrays))
+                    for name in stage.window_independent:
+                        computed[name] = self.reference[0].get(name, computed[name])
+                    self.reference[index].update(computed)
+        self._held = None
         later = {name for s in self._stages if s.key > stage.key for name in s.inputs}
-        for cached in self.cache:
-            for name in [n for n in cached if n not in later]:
-                del cached[name]
+        for cache in (self.cache, self.reference or []):
+            for cached in cache:
+                for name in [n for n in cached if n not in later]:
+                    del cached[name]

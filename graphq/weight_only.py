@@ -17,7 +17,18 @@
    With ``sequential`` (default) the statistics of block ``b`` come from the graph whose blocks
    ``< b`` are already quantized (fake-quantized float weights), one block at a time
    (:mod:`graphq.blockwise`), as in the GPTQ and AWQ papers; otherwise from the float model in
-   one pass.
+   one pass. Two GPTQ refinements of the block-by-block path (``GptqConfig``):
+   - ``true_sequential``: inside a block, the MatMuls that share an input are quantized together, one
+     input after another in graph order ([q, k, v], [o], [gate, up], [down]); after each, their
+     fake-quantized weights are written and the block is calibrated again, so each input's ``H`` sees
+     the block's earlier MatMuls quantized. With ``awq_scales`` every AWQ scale of the block is searched
+     on the float-weight statistics and folded first (later inputs first, as without the option); the
+     sequential GPTQ then calibrates on the folded block.
+   - ``asymmetric`` (GPTAQ, :mod:`graphq.numerics.asymmetric`): a second, float cache of the stage
+     inputs follows the float model; each MatMul's input is collected from both, ``X_q`` (the quantized
+     model) and ``X_f`` (the float model), and GPTQ rounds ``W' = W + alpha (H + lambda I)^-1 C W``,
+     ``C = 2 X_q^T (X_f - X_q) / n``, which minimises ``||X_q W_hat - X_f W||^2`` instead of
+     ``||X_q (W_hat - W)||^2``; without upstream error (``X_f = X_q``) it is plain GPTQ bit for bit.
    With ``grid = "cuberoot"`` (recipes ``w4-cuberoot``, ``w4-cuberoot-gptq``), RTN or GPTQ (with the
    clip search evaluated on the same levels) rounds on the cube-root companded grid instead
    (:mod:`graphq.numerics.companding`: levels ``sigma (q - 2^(b-1))^3``); a tied LM head that
@@ -40,12 +51,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graphq.blockwise import StagedCalibration, partition
+from graphq.blockwise import Stage, StagedCalibration, partition
 from graphq.calibrate import CalibrationConfig, calibration_windows, collect_statistics, window_framing
 from graphq.errors import GraphqError
 from graphq.evaluate import load_tokenizer
 from graphq.modelio import (ExternalDataSink, load_model, move_staged_into_place, release, release_all, save_model,
                             save_streamed, staging_dir)
+from graphq.numerics.asymmetric import asymmetric_target, cross_accumulate
 from graphq.numerics.companding import CubeRootWeight, check_cuberoot_config, cuberoot_grid, quantize_cuberoot
 from graphq.numerics.weight_only import (
     GPTQ_PRECISIONS,
@@ -94,12 +106,30 @@ class GptqConfig:
     # float32 halves their time and the factor's memory (tools/bench_gptq_precision.py); SmolLM2-135M
     # w4-gptq, 40 windows: ppl 34.274 in float32 against 34.549 in float64.
     precision: str = "float32"
+    # Block by block only: quantize a block's MatMuls in groups that share an input, in graph order
+    # ([q, k, v], [o], [gate, up], [down]), re-calibrating the block after each group on the group's
+    # fake-quantized weights, so o_proj sees quantized q/k/v and down_proj quantized gate/up (the GPTQ
+    # reference's --true-sequential). With awq_scales, every AWQ scale of the block is searched and
+    # folded first, from the block's float-weight statistics (as without this option).
+    # Off: no reliable gain measured. SmolLM2-135M w4-gptq, 40 windows: float64 GPTQ 34.549 -> 34.099,
+    # but float32 GPTQ (the default precision) 34.274 -> 34.456; the float64/float32 difference alone
+    # is 0.28, so both effects are within that noise. It costs about 1.6x the quantize CPU time.
+    true_sequential: bool = False
+    # Block by block only: asymmetric calibration (GPTAQ; graphq.numerics.asymmetric): GPTQ rounds
+    # W' = W + alpha (H + lambda I)^-1 C W, C = 2 X_q^T (X_f - X_q) / n, so the quantized layer matches
+    # the float model's output X_f W instead of X_q W. X_f comes from a float copy of each block
+    # (blockwise.StagedCalibration with reference=True). Off: SmolLM2-135M w4-gptq (float64) with
+    # true_sequential, alpha 1: ppl 34.132 against 34.099 without it, at twice the quantize CPU time.
+    asymmetric: bool = False
+    asymmetric_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
             raise GraphqError(f"GPTQ damp must lie in (0, 1), got {self.damp}")
         if self.precision not in GPTQ_PRECISIONS:
             raise GraphqError(f"GPTQ precision must be one of {', '.join(GPTQ_PRECISIONS)}, got '{self.precision}'")
+        if not 0 < self.asymmetric_alpha <= 1:
+            raise GraphqError(f"GPTQ asymmetric_alpha must lie in (0, 1], got {self.asymmetric_alpha}")
         if self.block_size < 1:
             raise GraphqError(f"GPTQ block size must be at least 1, got {self.block_size}")
 
@@ -184,6 +214,21 @@ class HessianAccumulator:
         return self._abs_sum / max(self.count, 1)
 
 
+class PairedAccumulator(HessianAccumulator):
+    """:class:`HessianAccumulator` of the quantized model's inputs ``X_q``, plus the asymmetric cross term
+    ``C = 2 X_q^T (X_f - X_q) / n`` with the float model's inputs ``X_f`` to the same MatMul
+    (:func:`graphq.numerics.asymmetric.cross_accumulate`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cross: np.ndarray | None = None
+
+    def update(self, array: np.ndarray, reference: np.ndarray) -> None:
+        count = self.count
+        self.cross, _ = cross_accumulate(self.cross, array, reference, count)
+        super().update(array)
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyResult:
     model_path: Path
@@ -254,52 +299,110 @@ def _tied_heads(model: ir.Model, planned: list[ir.Node], recipe: WeightOnlyRecip
     return tied
 
 
+def _input_groups(nodes: list[ir.Node]) -> dict[str, list[ir.Node]]:
+    """``nodes`` by the tensor they read (q/k/v, gate/up share one), in graph order."""
+    groups: dict[str, list[ir.Node]] = {}
+    for node in nodes:
+        groups.setdefault(node.inputs[0].name, []).append(node)
+    return groups
+
+
+def _fold_awq_scales(graph: ir.Model, groups: dict[str, list[ir.Node]], stats: dict[str, HessianAccumulator],
+                     recipe: WeightOnlyRecipe) -> None:
+    """AWQ's scale search per input of ``groups``, folded into ``graph``; each folded input's Hessian in
+    ``stats`` becomes that of the scaled input, ``H -> H / (s s^T)``. Later inputs first: down_proj's
+    scales fold into up_proj's columns before up_proj's input is searched."""
+    for name in reversed(list(groups)):
+        members, accumulator = groups[name], stats[name]
+        joined = np.concatenate([constant_weight(node) for node in members], axis=1)
+        scales, _ = awq_search(joined, accumulator.abs_mean, None, recipe.weights, grid=recipe.awq.grid,
+                               pad=recipe.pad_groups, hessian=accumulator.hessian)
+        fold = SmoothQuantPass({}, SmoothQuantConfig(explicit_mul=False), factors={name: scales})
+        fold(graph)
+        if name in fold.applied:
+            inverse = 1.0 / scales.astype(np.float64)
+            accumulator.hessian = accumulator.hessian * np.outer(inverse, inverse)
+            logger.debug("awq: %s folded (%s)", name, fold.applied[name])
+
+
+def _quantize_input(members: list[ir.Node], accumulator: HessianAccumulator, recipe: WeightOnlyRecipe
+                    ) -> dict[str, QuantizedWeight]:
+    """GPTQ (with the clip search, and the asymmetric target when ``accumulator`` has a cross term) or
+    clip search + RTN of the MatMuls ``members`` that read one input."""
+    config = recipe.weights
+    gptq = recipe.method == "gptq"
+    clip_search = recipe.gptq.clip_search if gptq else True
+    levels = cuberoot_grid(config) if recipe.grid == "cuberoot" else uniform_grid(config)
+    hessian = accumulator.hessian
+    cross = getattr(accumulator, "cross", None)
+    # one factor of H for all the MatMuls reading this input (q/k/v, gate/up)
+    precision = recipe.gptq.precision if gptq else "float64"
+    factor = gptq_factor(hessian, damp=recipe.gptq.damp, act_order=recipe.gptq.act_order,
+                         precision=precision) if gptq else None
+    quantized = {}
+    for node in members:
+        weight = constant_weight(node)
+        if gptq and cross is not None and cross.any():
+            weight = asymmetric_target(weight, cross, factor, alpha=recipe.gptq.asymmetric_alpha)
+        ratios = 1.0
+        if clip_search:
+            ratios = awq_clip_search(weight, None, config, grid=recipe.awq.clip_grid, max_shrink=recipe.awq.max_shrink,
+                                     pad=recipe.pad_groups, hessian=hessian, levels=levels, precision=precision)
+        if gptq:
+            quantized[node.name] = gptq_quantize(weight, hessian, config, damp=recipe.gptq.damp,
+                                                 block_size=recipe.gptq.block_size, act_order=recipe.gptq.act_order,
+                                                 pad=recipe.pad_groups, clip_ratio=ratios, factor=factor, grid=levels)
+        else:
+            quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
+    return quantized
+
+
 def _quantize_with_statistics(graph: ir.Model, nodes: list[ir.Node], stats: dict[str, HessianAccumulator],
                               recipe: WeightOnlyRecipe) -> dict[str, QuantizedWeight]:
     """GPTQ or AWQ of ``nodes`` from the statistics of their inputs; AWQ scales are folded into ``graph``.
 
     GPTQ can be preceded by AWQ's scale search (``gptq.awq_scales``) and its clip search
     (``gptq.clip_search``); AWQ is scale search, clip search, then round to nearest."""
-    config = recipe.weights
-    gptq = recipe.method == "gptq"
-    fold_scales = recipe.gptq.awq_scales if gptq else recipe.awq.fold_scales
-    clip_search = recipe.gptq.clip_search if gptq else True
-    levels = cuberoot_grid(config) if recipe.grid == "cuberoot" else uniform_grid(config)
-    groups: dict[str, list[ir.Node]] = {}
-    for node in nodes:
-        groups.setdefault(node.inputs[0].name, []).append(node)
+    fold_scales = recipe.gptq.awq_scales if recipe.method == "gptq" else recipe.awq.fold_scales
+    groups = _input_groups(nodes)
+    if fold_scales:
+        _fold_awq_scales(graph, groups, stats, recipe)
     quantized = {}
-    # Later inputs first: down_proj's scales fold into up_proj's columns before up_proj is searched.
     for name in reversed(list(groups)):
-        members, accumulator = groups[name], stats[name]
-        hessian = accumulator.hessian
-        if fold_scales:
-            joined = np.concatenate([constant_weight(node) for node in members], axis=1)
-            scales, _ = awq_search(joined, accumulator.abs_mean, None, config, grid=recipe.awq.grid,
-                                   pad=recipe.pad_groups, hessian=hessian)
-            fold = SmoothQuantPass({}, SmoothQuantConfig(explicit_mul=False), factors={name: scales})
-            fold(graph)
-            if name in fold.applied:
-                inverse = 1.0 / scales.astype(np.float64)
-                hessian = hessian * np.outer(inverse, inverse)
-                logger.debug("awq: %s folded (%s)", name, fold.applied[name])
-        # one factor of H for all the MatMuls reading this input (q/k/v, gate/up)
-        precision = recipe.gptq.precision if gptq else "float64"
-        factor = gptq_factor(hessian, damp=recipe.gptq.damp, act_order=recipe.gptq.act_order,
-                             precision=precision) if gptq else None
-        for node in members:
-            weight = constant_weight(node)
-            ratios = 1.0
-            if clip_search:
-                ratios = awq_clip_search(weight, None, config, grid=recipe.awq.clip_grid, max_shrink=recipe.awq.max_shrink,
-                                         pad=recipe.pad_groups, hessian=hessian, levels=levels, precision=precision)
-            if gptq:
-                quantized[node.name] = gptq_quantize(weight, hessian, config, damp=recipe.gptq.damp,
-                                                     block_size=recipe.gptq.block_size, act_order=recipe.gptq.act_order,
-                                                     pad=recipe.pad_groups, clip_ratio=ratios, factor=factor, grid=levels)
-            else:
-                quantized[node.name] = quantize_rtn(weight, config, clip_ratio=ratios, pad=recipe.pad_groups)
-        del factor
+        quantized.update(_quantize_input(groups[name], stats.pop(name), recipe))
+    return {node.name: quantized[node.name] for node in nodes}
+
+
+def _quantize_stage(graph: ir.Model, runner: StagedCalibration, stage: Stage, nodes: list[ir.Node],
+                    recipe: WeightOnlyRecipe) -> dict[str, QuantizedWeight]:
+    """Calibrate and quantize ``nodes`` of ``stage`` (block by block). Plain: one calibration of the
+    stage on its float weights. ``gptq.true_sequential``: AWQ scales (if any) folded first from that
+    calibration, then one group of MatMuls sharing an input at a time, in graph order, each calibrated
+    with the groups before it fake-quantized. ``gptq.asymmetric``: each calibration pairs the inputs
+    with those of the stage's float weights run on the float model's stage inputs."""
+    options = recipe.gptq
+    gptq = recipe.method == "gptq"
+    true_sequential, asymmetric = gptq and options.true_sequential, gptq and options.asymmetric
+    names = [node.inputs[0].name for node in nodes]
+    if not (true_sequential or asymmetric):
+        return _quantize_with_statistics(graph, nodes, runner.calibrate(stage, names, HessianAccumulator), recipe)
+    groups = _input_groups(nodes)
+    if options.awq_scales:
+        _fold_awq_scales(graph, groups, runner.calibrate(stage, list(groups), HessianAccumulator), recipe)
+    if asymmetric:  # the float weights (AWQ scales folded: the same function) before any is rounded
+        runner.hold_reference(stage)
+    accumulator = PairedAccumulator if asymmetric else HessianAccumulator
+    batches = [[name] for name in groups] if true_sequential else [list(groups)]
+    quantized: dict[str, QuantizedWeight] = {}
+    for index, batch in enumerate(batches):
+        stats = runner.calibrate(stage, batch, accumulator, reference=asymmetric)
+        for name in batch:
+            done = _quantize_input(groups[name], stats.pop(name), recipe)
+            quantized.update(done)
+            if true_sequential and index + 1 < len(batches):
+                for node in groups[name]:
+                    write_fake_quantized(node, done[node.name])
+        del stats
     return {node.name: quantized[node.name] for node in nodes}
 
 
@@ -391,6 +494,9 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             if stages is None:
                 if recipe.sequential:
                     logger.warning("weight-only %s: the graph cannot be cut into blocks; calibrating on the float model", recipe.name)
+                if recipe.method == "gptq" and (recipe.gptq.true_sequential or recipe.gptq.asymmetric):
+                    logger.warning("weight-only %s: true_sequential and asymmetric apply block by block only; ignored",
+                                   recipe.name)
                 if streamed:
                     raise GraphqError(f"{source}: streamed {recipe.method} calibrates block by block, but the graph "
                                       "cannot be cut into blocks (or the recipe is not sequential)")
@@ -399,14 +505,14 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
                                            make_accumulator=HessianAccumulator)
                 done(_quantize_with_statistics(graph, [n for n in planned if n.name not in tied], stats, recipe))
             else:
-                runner = StagedCalibration(graph, stages, windows, threads=recipe.calibration.threads, progress=progress)
+                reference = recipe.method == "gptq" and recipe.gptq.asymmetric
+                runner = StagedCalibration(graph, stages, windows, threads=recipe.calibration.threads, progress=progress,
+                                           reference=reference)
                 for stage in runner.stages():
                     nodes = [node for node in stage.nodes if node.name in set(planned_names) and node.name not in tied]
                     stage_quantized = {}
                     if nodes:
-                        stats = runner.calibrate(stage, [node.inputs[0].name for node in nodes], HessianAccumulator)
-                        stage_quantized = _quantize_with_statistics(graph, nodes, stats, recipe)
-                        del stats
+                        stage_quantized = _quantize_stage(graph, runner, stage, nodes, recipe)
                         if stage.outputs:
                             for node in nodes:
                                 write_fake_quantized(node, stage_quantized[node.name])

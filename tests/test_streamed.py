@@ -86,6 +86,20 @@ def test_weight_only_streamed_matches_in_memory(synthetic_fp16, tmp_path, recipe
     assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)  # float16 model, float16 scales
 
 
+def test_asymmetric_gptq_streamed_matches_in_memory(synthetic_fp16, tmp_path):
+    """The float reference of asymmetric GPTQ swaps the block's (memory-mapped) float weights back in."""
+    recipe = _small(RECIPES["w4-gptq"])
+    recipe = dataclasses.replace(recipe, gptq=dataclasses.replace(recipe.gptq, true_sequential=True, asymmetric=True))
+    memory = quantize_weights(synthetic_fp16, tmp_path / "m" / "model.onnx", recipe, progress=False, streamed=False)
+    streamed = quantize_weights(synthetic_fp16, tmp_path / "s" / "model.onnx", recipe, progress=False, streamed=True)
+    _assert_same_model(memory.model_path, streamed.model_path)
+    plain = quantize_weights(synthetic_fp16, tmp_path / "p" / "model.onnx",
+                             dataclasses.replace(recipe, gptq=dataclasses.replace(recipe.gptq, asymmetric=False)),
+                             progress=False, streamed=True)
+    with pytest.raises(AssertionError):  # the option did something
+        _assert_same_model(plain.model_path, streamed.model_path)
+
+
 def test_w8a8_streamed_matches_in_memory(synthetic_fp32, tmp_path):
     recipe = _small(RECIPES["w8a8"])
     memory = quantize_model(synthetic_fp32, tmp_path / "m" / "model.onnx", recipe, progress=False, streamed=False)
