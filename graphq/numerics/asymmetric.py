@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphq.numerics.weight_only import GptqFactor
+from graphq.numerics.weight_only import GptqFactor, running_matrix
 
 CROSS_CHUNK_ELEMENTS = 1 << 24  # C is accumulated in column blocks of this many elements
 
@@ -55,14 +55,7 @@ def cross_accumulate(cross: np.ndarray | None, x: np.ndarray, x_reference: np.nd
     rows = x.reshape(-1, x.shape[-1]).astype(np.float64, copy=False)
     delta = x_reference.reshape(-1, x.shape[-1]).astype(np.float64) - rows
     k, m = rows.shape[1], rows.shape[0]
-    if cross is None:
-        if count:
-            raise ValueError("a running count without a cross matrix")
-        cross = np.zeros((k, k), dtype=np.float64)
-    elif cross.shape != (k, k):
-        raise ValueError(f"cross matrix shape {cross.shape} does not match inputs with {k} features")
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
+    cross = running_matrix(cross, count, k, "cross matrix")
     if m == 0:
         return cross, count
     if not (np.isfinite(rows).all() and np.isfinite(delta).all()):

@@ -362,6 +362,20 @@ def _quantize_rtn(weight: np.ndarray, *, config: WeightQuantConfig, clip_ratio: 
 HESSIAN_CHUNK_ELEMENTS = 1 << 24  # in-place accumulation adds x^T x in column blocks of this many elements
 
 
+def running_matrix(matrix: np.ndarray | None, count: int, k: int, what: str) -> np.ndarray:
+    """The running ``K x K`` float64 average to add a batch to: ``matrix`` itself (checked against ``k``
+    and ``count``), or zeros to start with (``matrix`` None, ``count`` 0)."""
+    if matrix is None:
+        if count:
+            raise ValueError(f"a running count without a {what}")
+        matrix = np.zeros((k, k), dtype=np.float64)
+    elif matrix.shape != (k, k):
+        raise ValueError(f"{what} shape {matrix.shape} does not match inputs with {k} features")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    return matrix
+
+
 def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *, in_place: bool = False
                        ) -> tuple[np.ndarray, int]:
     """Fold a batch ``x [..., K]`` (``m`` rows) into the running ``H = 2 X^T X / n`` of ``count`` rows.
@@ -376,14 +390,7 @@ def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *,
         raise ValueError("expected a batch [..., K], got a scalar")
     rows = x.reshape(-1, x.shape[-1]).astype(np.float64, copy=False)
     k = rows.shape[1]
-    if hessian is None:
-        if count:
-            raise ValueError("a running count without a Hessian")
-        hessian = np.zeros((k, k), dtype=np.float64)
-    elif hessian.shape != (k, k):
-        raise ValueError(f"Hessian shape {hessian.shape} does not match inputs with {k} features")
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
+    hessian = running_matrix(hessian, count, k, "Hessian")
     m = rows.shape[0]
     if m == 0:
         return hessian, count
