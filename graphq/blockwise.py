@@ -319,6 +319,18 @@ class StagedCalibration:
                     raise GraphqError(f"tensor '{name}' in calibration window {index}: {error}") from error
         return stats
 
+    def _store_outputs(self, stage: Stage, cache: list[dict[str, np.ndarray]], *,
+                       session: ort.InferenceSession | None = None,
+                       also: list[dict[str, np.ndarray]] | None = None) -> None:
+        """Run ``stage`` on ``cache`` and add its outputs to it (and to ``also``, window by window)."""
+        for index, arrays in self._run(stage, stage.outputs, session=session, cache=cache):
+            computed = dict(zip(stage.outputs, arrays))
+            for name in stage.window_independent:  # e.g. a transposed weight: keep one copy, not one per window
+                computed[name] = cache[0].get(name, computed[name])
+            cache[index].update(computed)
+            if also is not None:
+                also[index].update(computed)
+
     def advance(self, stage: Stage) -> None:
         """Compute ``stage``'s outputs with the model's current weights (and the float cache's with the
         held reference); forget what no later stage reads."""
@@ -326,20 +338,10 @@ class StagedCalibration:
             held = self._held if self._held is not None and self._held[0] == stage.key else None
             shared = self.reference is not None and held is None and all(
                 ref.get(name) is cached.get(name) for ref, cached in zip(self.reference, self.cache) for name in stage.inputs)
-            for index, arrays in self._run(stage, stage.outputs):
-                computed = dict(zip(stage.outputs, arrays))
-                for name in stage.window_independent:  # e.g. a transposed weight: keep one copy, not one per window
-                    computed[name] = self.cache[0].get(name, computed[name])
-                self.cache[index].update(computed)
-                if shared:
-                    self.reference[index].update(computed)
+            self._store_outputs(stage, self.cache, also=self.reference if shared else None)
             if self.reference is not None and not shared:
                 session = self._reference_session(stage, stage.outputs) if held is not None else None
-                for index, arrays in self._run(stage, stage.outputs, session=session, cache=self.reference):
-                    computed = dict(zip(stage.outputs, arrays))
-                    for name in stage.window_independent:
-                        computed[name] = self.reference[0].get(name, computed[name])
-                    self.reference[index].update(computed)
+                self._store_outputs(stage, self.reference, session=session)
         self._held = None
         later = {name for s in self._stages if s.key > stage.key for name in s.inputs}
         for cache in (self.cache, self.reference or []):

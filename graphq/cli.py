@@ -211,7 +211,10 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
                                     "--k": k_sigma, "--peg-groups": peg_groups, "--peg-permute": peg_permute}.items()
                      if v is not None]
         if misplaced:
-            raise GraphqError(f"{misplaced[0]} does not apply to the mixed recipe '{recipe.name}' (its precisions are int4/int4-g32-asym/int8/float)")
+            from graphq.numerics.sensitivity import PRECISIONS
+
+            raise GraphqError(f"{misplaced[0]} does not apply to the mixed recipe '{recipe.name}' "
+                              f"(its precisions are {'/'.join(PRECISIONS)})")
         if mixed_method is not None:
             recipe = dataclasses.replace(recipe, method=mixed_method)
         _quantize_mixed(model, output, recipe, budget_bits=budget_bits, target_ratio=target_ratio, analysis_path=analysis_path,

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphq.numerics.weight_only import GptqFactor, running_matrix
-
-CROSS_CHUNK_ELEMENTS = 1 << 24  # C is accumulated in column blocks of this many elements
+from graphq.numerics.weight_only import GptqFactor, fold_product_in_place, running_matrix
 
 
 def cross_accumulate(cross: np.ndarray | None, x: np.ndarray, x_reference: np.ndarray, count: int
@@ -60,14 +58,7 @@ def cross_accumulate(cross: np.ndarray | None, x: np.ndarray, x_reference: np.nd
         return cross, count
     if not (np.isfinite(rows).all() and np.isfinite(delta).all()):
         raise ValueError("the batch contains NaN or infinity")
-    total = count + m
-    cross *= count / total
-    width = max(1, CROSS_CHUNK_ELEMENTS // k)
-    for start in range(0, k, width):  # a K x width temporary, not K x K
-        part = rows.T @ delta[:, start:start + width]
-        part *= 2.0 / total
-        cross[:, start:start + width] += part
-    return cross, total
+    return fold_product_in_place(cross, rows, delta, count), count + m
 
 
 def asymmetric_target(weight: np.ndarray, cross: np.ndarray, factor: GptqFactor, *, alpha: float = 1.0) -> np.ndarray:

@@ -376,6 +376,19 @@ def running_matrix(matrix: np.ndarray | None, count: int, k: int, what: str) -> 
     return matrix
 
 
+def fold_product_in_place(matrix: np.ndarray, rows: np.ndarray, others: np.ndarray, count: int) -> np.ndarray:
+    """``M <- M n / (n + m) + 2 / (n + m) rows^T others`` in place (float64 ``M [K, K]``, ``m`` rows of
+    ``[m, K]`` each), by column blocks: a ``K x width`` temporary, not ``K x K``. Returns ``M``."""
+    total = count + rows.shape[0]
+    matrix *= count / total
+    width = max(1, HESSIAN_CHUNK_ELEMENTS // matrix.shape[1])
+    for start in range(0, matrix.shape[1], width):
+        part = rows.T @ others[:, start:start + width]
+        part *= 2.0 / total
+        matrix[:, start:start + width] += part
+    return matrix
+
+
 def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *, in_place: bool = False
                        ) -> tuple[np.ndarray, int]:
     """Fold a batch ``x [..., K]`` (``m`` rows) into the running ``H = 2 X^T X / n`` of ``count`` rows.
@@ -398,13 +411,7 @@ def hessian_accumulate(hessian: np.ndarray | None, x: np.ndarray, count: int, *,
         raise ValueError("the batch contains NaN or infinity")
     total = count + m
     if in_place and hessian.dtype == np.float64:
-        hessian *= count / total
-        width = max(1, HESSIAN_CHUNK_ELEMENTS // k)
-        for start in range(0, k, width):  # x^T x by column blocks: a K x width temporary, not K x K
-            part = rows.T @ rows[:, start:start + width]
-            part *= 2.0 / total
-            hessian[:, start:start + width] += part
-        return hessian, total
+        return fold_product_in_place(hessian, rows, rows, count), total
     updated = hessian.astype(np.float64) * (count / total)
     updated += (2.0 / total) * (rows.T @ rows)
     return updated, total
