@@ -118,7 +118,7 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--recipe", "recipe_name", default=None,
               help="Built-in recipe (w8a8, w8a8-int8-head, w8a8-nosmooth, w8a8-static, w8a8-trt, w8a8-peg, w4-rtn, w4-gptq, "
-                   "w4-awq, w4-awq-gptq, w4-rtn-g32-asym, w4-gptq-g32-asym, w8-rtn, w4-cuberoot, "
+                   "w4-awq, w4-awq-gptq, w4-rtn-g32-asym, w4-gptq-g32-asym, w4-rtn-g32-fzp, w4-gptq-g32-fzp, w8-rtn, w4-cuberoot, "
                    "w8a8-cuberoot, mixed) or a .json/.yaml recipe file (default w8a8; none with --kv-cache/--attention alone).")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["int8"]), default=None,
               help="With-past graphs: the KV cache crosses the graph boundary as int8 + per-token scales.")
@@ -139,6 +139,9 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--bits", type=int, default=None, help="[weight-only] Bits per weight (2-8).")
 @click.option("--group-size", type=int, default=None, help="[weight-only] Group size along the input dimension (0: per channel).")
 @click.option("--asym/--sym", "asymmetric", default=None, help="[weight-only] Asymmetric (zero point) or symmetric groups.")
+@click.option("--float-zero-points/--int-zero-points", "float_zero_points", default=None,
+              help="[weight-only] Asymmetric groups: float32 zero points (the affine s q + m of Q4_1; MatMulNBits only) "
+                   "or integer ones.")
 @click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq", "codebook", "dq-cube"]), default=None,
               help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21); cube-root "
                    "weights: codebook Gather or DequantizeLinear + Pow 3.")
@@ -169,8 +172,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
              alpha: float | None, no_smoothquant: bool,
              activations: str | None, range_method: str | None, weight_clip: str | None, k_sigma: float | None,
              peg_groups: int | None, peg_permute: bool | None, bits: int | None, group_size: int | None,
-             asymmetric: bool | None, emit_format: str | None, accuracy_level: int | None, embedding: str | None,
-             embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
+             asymmetric: bool | None, float_zero_points: bool | None, emit_format: str | None, accuracy_level: int | None,
+             embedding: str | None, embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
              analysis_path: Path | None, plan_path: Path | None, mixed_method: str | None, calib_windows: int | None,
              calib_text: Path | None, tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
     """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
@@ -188,7 +191,7 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
     if recipe_name is None and cache_config.active:
         options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                    "--range": range_method, "--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric,
-                   "--format": emit_format, "--accuracy-level": accuracy_level, "--embedding": embedding,
+                   "--float-zero-points/--int-zero-points": float_zero_points, "--format": emit_format, "--accuracy-level": accuracy_level, "--embedding": embedding,
                    "--embedding-bits": embedding_bits, "--sequential/--one-pass": sequential, "--budget-bits": budget_bits,
                    "--target-ratio": target_ratio, "--analysis": analysis_path, "--plan": plan_path,
                    "--method": mixed_method, "--calib-windows": calib_windows, "--calib-text": calib_text,
@@ -228,7 +231,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
     w8a8_options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                     "--range": range_method, "--weight-clip": weight_clip, "--k": k_sigma, "--peg-groups": peg_groups,
                     "--peg-permute": peg_permute}
-    weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric, "--format": emit_format,
+    weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric,
+                      "--float-zero-points/--int-zero-points": float_zero_points, "--format": emit_format,
                       "--accuracy-level": accuracy_level, "--embedding": embedding, "--embedding-bits": embedding_bits,
                       "--sequential/--one-pass": sequential}
     is_w8a8 = isinstance(recipe, W8A8Recipe)
@@ -254,10 +258,9 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
             peg = dataclasses.replace(peg, **{k: v for k, v in (("groups", peg_groups), ("permute", peg_permute)) if v is not None})
             recipe = dataclasses.replace(recipe, peg=peg, pack_matmuls=False)  # PEG splits MatMuls: no packing
     else:
-        weights = recipe.weights
-        for field, value in (("bits", bits), ("group_size", group_size), ("symmetric", None if asymmetric is None else not asymmetric)):
-            if value is not None:
-                weights = dataclasses.replace(weights, **{field: value})
+        changes = {"bits": bits, "group_size": group_size, "symmetric": None if asymmetric is None else not asymmetric,
+                   "float_zero_points": float_zero_points}
+        weights = dataclasses.replace(recipe.weights, **{k: v for k, v in changes.items() if v is not None})
         emit = recipe.emit
         for field, value in (("format", emit_format), ("accuracy_level", accuracy_level)):
             if value is not None:

@@ -108,6 +108,11 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
     "w4-rtn-g32-asym": WeightOnlyRecipe(name="w4-rtn-g32-asym", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
     "w4-gptq-g32-asym": WeightOnlyRecipe(name="w4-gptq-g32-asym", method="gptq",
                                          weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
+    # Float zero points (the affine s q + m of llama.cpp's Q4_1; MatMulNBits only): 6 bits per weight.
+    "w4-rtn-g32-fzp": WeightOnlyRecipe(name="w4-rtn-g32-fzp", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False,
+                                                                                       float_zero_points=True)),
+    "w4-gptq-g32-fzp": WeightOnlyRecipe(name="w4-gptq-g32-fzp", method="gptq",
+                                        weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True)),
     "w8-rtn": WeightOnlyRecipe(name="w8-rtn", weights=WeightQuantConfig(bits=8, group_size=128, symmetric=True)),
     # Cube-root companding (seed 004): non-uniform 4-bit levels, g128, same tied 8-bit head/embedding as w4-rtn.
     "w4-cuberoot": WeightOnlyRecipe(name="w4-cuberoot", grid="cuberoot", emit=WeightOnlyEmitConfig(format="codebook")),

@@ -42,7 +42,7 @@ from graphq.errors import GraphqError, OutputPathError
 
 logger = logging.getLogger(__name__)
 
-PRECISION_COLOURS = {"int4": "#4C72B0", "int4-g32-asym": "#55A868", "int8": "#DD8452", "float": "#C44E52"}
+PRECISION_COLOURS = {"int4": "#4C72B0", "int4-g32-asym": "#55A868", "int4-g32-fzp": "#8172B3", "int8": "#DD8452", "float": "#C44E52"}
 INPUT_KINDS = (("q_proj", "attention input (q/k/v)"), ("o_proj", "o_proj input"), ("gate_proj", "MLP input (gate/up)"),
                ("down_proj", "down_proj input"))
 

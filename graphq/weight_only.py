@@ -188,11 +188,15 @@ class WeightOnlyRecipe:
             raise GraphqError(f"weight-only embedding_bits must be 4 or 8 (GatherBlockQuantized), got {self.embedding_bits}")
         if self.embedding not in EMBEDDING_MODES:
             raise GraphqError(f"weight-only embedding must be one of {EMBEDDING_MODES}, got '{self.embedding}'")
+        if self.weights.float_zero_points and self.emit.format != "matmulnbits":
+            raise GraphqError(f"float zero points are emitted as MatMulNBits only (DequantizeLinear takes integer zero "
+                              f"points), not as format '{self.emit.format}'")
 
     @property
     def embedding_config(self) -> WeightQuantConfig:
-        """Quantization of the embedding table (and of a tied LM head that shares its codes)."""
-        return dataclasses.replace(self.weights, bits=self.embedding_bits or self.weights.bits)
+        """Quantization of the embedding table (and of a tied LM head that shares its codes): integer
+        zero points, as ``GatherBlockQuantized`` reads no float ones."""
+        return dataclasses.replace(self.weights, bits=self.embedding_bits or self.weights.bits, float_zero_points=False)
 
 
 class HessianAccumulator:
@@ -263,8 +267,8 @@ class WeightOnlyResult:
 
 
 def bits_per_weight(config: WeightQuantConfig, group_length: int) -> float:
-    """``bits + 32 / G`` (+ ``bits / G`` with zero points): codes plus a float32 scale per group."""
-    return config.bits + 32 / group_length + (0.0 if config.symmetric else config.bits / group_length)
+    """Codes plus a float32 scale (and zero point) per group: :meth:`WeightQuantConfig.bits_per_weight`."""
+    return config.bits_per_weight(group_length)
 
 
 def _plan(model: ir.Model, recipe: WeightOnlyRecipe) -> tuple[list[ir.Node], list[str]]:

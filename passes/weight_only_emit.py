@@ -7,11 +7,13 @@ dimension. Two output forms, chosen by :class:`WeightOnlyEmitConfig`:
 
 - ``matmulnbits``: one ``com.microsoft.MatMulNBits`` node (ONNX Runtime CPU and CUDA EPs) with
   ``B`` packed two codes per byte (4 bits), ``scales`` and, for asymmetric groups, packed
-  ``zero_points``; ``accuracy_level`` (0 = unset: float activations; 4 = int8 activations inside
+  ``zero_points`` (float zero points go unpacked, in the scales' float type, which the operator
+  accepts as well); ``accuracy_level`` (0 = unset: float activations; 4 = int8 activations inside
   the kernel) is an explicit option, never silent.
 - ``qdq``: standard ONNX ``DequantizeLinear(q, s, z, axis=0, block_size=G)`` (opset 21, uint4 for
   4 bits, uint8 for 8 bits) feeding the original ``MatMul``: the blockwise form TensorRT
-  consumes. The model's default-domain opset is raised to 21 where it is lower.
+  consumes. The model's default-domain opset is raised to 21 where it is lower. Its zero point must
+  have the codes' integer type, so float zero points are refused here.
 
 Weights that are the transpose of a constant (a tied LM head) are handled like plain constants;
 the source constant stays for its other users (the embedding ``Gather``). Scales take the float
@@ -108,8 +110,11 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         float_type = weight_float_type(node)
         inputs = [node.inputs[0], new_initializer(graph, f"{stem}.qweight", packed["B"]),
                   new_initializer(graph, f"{stem}.scales", packed["scales"].astype(float_type.numpy()))]
-        if packed["zero_points"] is not None:
-            inputs.append(new_initializer(graph, f"{stem}.zero_points", packed["zero_points"]))
+        zero_points = packed["zero_points"]
+        if zero_points is not None:
+            if zero_points.dtype.kind == "f":
+                zero_points = zero_points.astype(float_type.numpy())
+            inputs.append(new_initializer(graph, f"{stem}.zero_points", zero_points))
         attributes = {"K": packed["K"], "N": packed["N"], "bits": packed["bits"], "block_size": packed["block_size"]}
         if self.config.accuracy_level:
             attributes["accuracy_level"] = self.config.accuracy_level
@@ -131,6 +136,9 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         k = qw.q.shape[0]
         if k % qw.group_length:
             raise GraphqError(f"blockwise DequantizeLinear needs groups that divide K={k}, got {qw.group_length}")
+        if qw.config.float_zero_points:
+            raise GraphqError(f"{node.name}: DequantizeLinear takes integer zero points only; emit float zero points "
+                              "as MatMulNBits (format matmulnbits) or use integer ones")
         stem = node.name.strip("/").replace("/", "_")
         codes = new_initializer(graph, f"{stem}.qweight", qw.q.astype(_STORAGE[bits]))
         scales = new_initializer(graph, f"{stem}.scales", qw.scales.astype(weight_float_type(node).numpy()))

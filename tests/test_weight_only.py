@@ -70,6 +70,14 @@ def test_config_validation():
     with pytest.raises(GraphqError, match="symmetric"):
         WeightQuantConfig(symmetric="yes")
     assert WeightQuantConfig(group_size=0).per_channel and WeightQuantConfig(group_size=-1).per_channel
+    with pytest.raises(GraphqError, match="asymmetric"):
+        WeightQuantConfig(symmetric=True, float_zero_points=True)
+    with pytest.raises(GraphqError, match="float_zero_points"):
+        WeightQuantConfig(symmetric=False, float_zero_points=1)
+    # codes, a float32 scale per group, and a zero point per group: b bits, or 32 when it is a float
+    assert WeightQuantConfig(4, 128, True).bits_per_weight(128) == 4.25
+    assert WeightQuantConfig(4, 32, False).bits_per_weight(32) == 5.125
+    assert WeightQuantConfig(4, 32, False, float_zero_points=True).bits_per_weight(32) == 6.0
 
 
 def test_group_size_must_divide_k_unless_padded():
@@ -141,7 +149,7 @@ def test_rtn_codes_in_range_and_error_bounded(bits, group_size, symmetric):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("config", [WeightQuantConfig(4, 32, True), WeightQuantConfig(4, 32, False),
-                                    WeightQuantConfig(3, 0, False)])
+                                    WeightQuantConfig(3, 0, False), WeightQuantConfig(4, 32, False, float_zero_points=True)])
 def test_rtn_float32_path_is_the_float64_definition(dtype, config):
     """quantize_rtn works in float32 for float16/32 weights; its codes must equal the float64 definition
     (group_params + quantize_with_params) bit for bit, including values whose float32 quotient w / s
@@ -162,7 +170,7 @@ def test_rtn_float32_path_is_the_float64_definition(dtype, config):
     quotient = w.astype(np.float32) / scales[rows]
     exact = w.astype(np.float64) / scales[rows].astype(np.float64)
     false_ties = (np.abs(quotient - np.rint(quotient)) == 0.5) & (np.abs(exact - np.rint(exact)) != 0.5)
-    assert dtype == np.float16 or false_ties.sum() > 10  # the float64 fix-up really decides some codes
+    assert dtype == np.float16 or config.float_zero_points or false_ties.sum() > 10  # the fix-up decides some codes
     for ratio in (1.0, ratios):
         fast = quantize_rtn(w, config, clip_ratio=ratio, pad=True)
         s, z = group_params(w, config, clip_ratio=ratio, pad=True)
@@ -217,6 +225,55 @@ def test_rtn_clip_ratio(symmetric):
         quantize_rtn(w, config, clip_ratio=np.ones((3, N)))
     with pytest.raises(ValueError):
         quantize_rtn(w, config, clip_ratio=0.0)
+
+
+def _affine_groups(seed=11, k=K, n=N, g=32, bits=4) -> np.ndarray:
+    """A weight made of llama.cpp Q4_1-style blocks: ``w = d c + m`` per group of ``g`` rows, with codes
+    ``c`` in 0..2^bits-1 that reach both ends (as Q4_1's own quantizer makes them)."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.002, 0.02, (k // g, 1, n))
+    m = rng.uniform(-0.15, 0.05, (k // g, 1, n))
+    codes = rng.integers(0, 2**bits, (k // g, g, n))
+    codes[:, 0], codes[:, 1] = 0, 2**bits - 1
+    return (d * codes + m).reshape(k, n).astype(np.float32)
+
+
+def test_float_zero_points_keep_affine_groups_exactly():
+    """A Q4_1-style weight comes back exactly (float32 rounding only) with float zero points, by RTN
+    and by GPTQ (no rounding error to spread); integer zero points cannot hold the offset m."""
+    w = _affine_groups()
+    fzp = WeightQuantConfig(4, 32, False, float_zero_points=True)
+    scale = np.abs(w).max()
+    rtn = quantize_rtn(w, fzp)
+    assert rtn.zero_points.dtype == np.float32 and rtn.scales.dtype == np.float32
+    assert np.abs(rtn.dequantize() - w).max() <= 1e-6 * scale
+    h = _hessian(_correlated_inputs())
+    for precision in ("float64", "float32"):
+        for act_order in (False, True):
+            gptq = gptq_quantize(w, h, fzp, act_order=act_order, precision=precision)
+            assert np.abs(gptq.dequantize() - w).max() <= 1e-6 * scale
+    integer = quantize_rtn(w, WeightQuantConfig(4, 32, False))
+    assert np.abs(integer.dequantize() - w).max() > 1e-3 * scale
+
+
+def test_float_zero_points_rtn_error_and_clipping():
+    w = _weight()
+    w[:, 0] = np.abs(w[:, 0]) + 0.1  # all positive: the zero point leaves the code range, which is fine
+    config = WeightQuantConfig(4, 32, False, float_zero_points=True)
+    qw = quantize_rtn(w, config)
+    rows = qw.group_of_rows()
+    assert (qw.zero_points[:, 0] < 0).all()
+    assert (np.abs(qw.dequantize() - w) <= qw.scales[rows] * (0.5 + 1e-5)).all()
+    grouped = w.reshape(-1, 32, N)
+    np.testing.assert_allclose(qw.scales, (grouped.max(1) - grouped.min(1)) / 15, rtol=1e-6)
+    # a clip ratio shrinks the range about its midpoint: the error moves to both ends
+    half = quantize_rtn(w, config, clip_ratio=0.5)
+    np.testing.assert_allclose(half.scales, qw.scales * 0.5, rtol=1e-6)
+    middle = (grouped.max(1) + grouped.min(1)) / 2
+    np.testing.assert_allclose((7.5 - half.zero_points) * half.scales, middle, rtol=1e-5, atol=1e-7)
+    with np.errstate(all="raise"):  # a constant group: unit scale, exact
+        flat = quantize_rtn(np.full((32, 4), 0.25, np.float32), config)
+    np.testing.assert_allclose(flat.dequantize(), 0.25, rtol=1e-6)
 
 
 # --- GPTQ -------------------------------------------------------------------------------------
@@ -526,6 +583,15 @@ def test_matmul_nbits_matches_dequantize(bits, group_size, symmetric):
     assert (packed["zero_points"] is None) == symmetric
     if not symmetric:
         assert packed["zero_points"].shape == (N * -(-n_blocks * bits // 8),)
+    _assert_matches_dequantized(qw)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_matmul_nbits_float_zero_points(group_size):
+    """ONNX Runtime's MatMulNBits reads float zero points unpacked, one per block, as (q - z) s."""
+    qw = quantize_rtn(_affine_groups(), WeightQuantConfig(4, group_size, False, float_zero_points=True))
+    packed = pack_matmul_nbits(qw)
+    assert packed["zero_points"].dtype == np.float32 and packed["zero_points"].shape == (N * (K // group_size),)
     _assert_matches_dequantized(qw)
 
 

@@ -39,6 +39,21 @@ def test_matmul_nbits(symmetric, tied, tmp_path):
     np.testing.assert_allclose(actual, X @ qw.dequantize(), rtol=1e-4, atol=1e-4)
 
 
+def test_matmul_nbits_float_zero_points(tmp_path):
+    qw = quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True), pad=True)
+
+    result = WeightOnlyEmissionPass({"proj": qw})(_model())
+
+    (node,) = [n for n in result.model.graph]
+    assert node.op_type == "MatMulNBits" and len(node.inputs) == 4
+    assert node.inputs[3].const_value.dtype == ir.DataType.FLOAT and node.inputs[3].const_value.shape == (N * K // 32,)
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    (actual,) = run_model(result.model, {"x": X}, tmp_path)
+    np.testing.assert_allclose(actual, X @ qw.dequantize(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(GraphqError, match="integer zero points"):
+        WeightOnlyEmissionPass({"proj": qw}, WeightOnlyEmitConfig(format="qdq"))(_model())
+
+
 def test_blockwise_dequantize_linear(tmp_path):
     qw = quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32, symmetric=False))
 

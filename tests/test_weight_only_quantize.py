@@ -15,6 +15,7 @@ from graphq.config import RECIPES, load_recipe
 from graphq.errors import GraphqError
 from graphq.evaluate import EvalConfig, evaluate_model
 from graphq.numerics.weight_only import WeightQuantConfig
+from graphq.passes.weight_only_emit import WeightOnlyEmitConfig
 from graphq.weight_only import GptqConfig, WeightOnlyRecipe, quantize_weights
 
 SMALL = CalibrationConfig(windows=3, window_tokens=128)
@@ -77,7 +78,7 @@ def test_cli_weight_only_options_and_report(tiny_llama_onnx, tmp_path, capsys):
                  "--format", "qdq"])
     assert code == 0
     report = json.loads(out.with_suffix(".graphq.json").read_text())
-    assert report["recipe"]["weights"] == {"bits": 4, "group_size": 32, "symmetric": False}
+    assert report["recipe"]["weights"] == {"bits": 4, "group_size": 32, "symmetric": False, "float_zero_points": False}
     assert report["size_breakdown"]["file_over_bound"] > 0
     assert "size:" in capsys.readouterr().out
     assert sum(1 for n in ir.load(out).graph if n.op_type == "DequantizeLinear") == 15
@@ -87,6 +88,8 @@ def test_cli_weight_only_options_and_report(tiny_llama_onnx, tmp_path, capsys):
     (["--recipe", "w4-rtn", "--bits", "9"], "bits"),
     (["--recipe", "w4-rtn", "--alpha", "0.5"], "does not apply"),
     (["--recipe", "w8a8", "--bits", "4"], "does not apply"),
+    (["--recipe", "w4-rtn", "--float-zero-points"], "asymmetric"),
+    (["--recipe", "w4-rtn-g32-fzp", "--format", "qdq"], "MatMulNBits only"),
     (["--recipe", "w4-rtn", "--group-size", "48", "--format", "qdq"], ""),
 ])
 def test_cli_bad_options(args, message, tiny_llama_onnx, tmp_path, capsys):
@@ -115,5 +118,10 @@ def test_bad_gptq_settings_are_refused():
         GptqConfig(precision="float16")
     with pytest.raises(GraphqError):
         WeightOnlyRecipe(method="awq-ish")
+    fzp = WeightQuantConfig(4, 32, False, float_zero_points=True)
+    with pytest.raises(GraphqError, match="MatMulNBits only"):
+        WeightOnlyRecipe(weights=fzp, emit=WeightOnlyEmitConfig(format="qdq"))
+    # the embedding table (GatherBlockQuantized) takes integer zero points
+    assert not WeightOnlyRecipe(weights=fzp).embedding_config.float_zero_points
     with pytest.raises(GraphqError):
         load_recipe("w3-magic")

@@ -26,9 +26,12 @@ whether the quantizer hurts through the size of its error (same damage) or throu
 
 **Precisions.** A plan gives each quantizable MatMul one of :data:`PRECISIONS`: ``int4`` (4-bit
 symmetric RTN, groups of 128 along ``K``), ``int4-g32-asym`` (4 bits in groups of 32 with a uint4 zero
-point each: 5.125 bits, between the two others), ``int8`` (symmetric, groups of 128) or ``float``. A tied LM head
+point each: 5.125 bits, between the two others), ``int4-g32-fzp`` (the same with a float32 zero point:
+6 bits; the affine form ``s q + m`` of llama.cpp's Q4_1, so a model converted from Q4_1 keeps its
+weights exactly), ``int8`` (symmetric, groups of 128) or ``float``. A tied LM head
 shares its codes with the embedding lookup, whose rows are cut into groups along the hidden size
-``D``: its group is the largest power of two ``<= 128`` dividing ``D`` (64 for ``D = 576``; see
+``D``, with integer zero points (``GatherBlockQuantized`` reads no float ones: its ``int4-g32-fzp`` is
+``int4-g32-asym``): its group is the largest power of two ``<= 128`` dividing ``D`` (64 for ``D = 576``; see
 :func:`graphq.passes.embedding_quant.embedding_group`). :func:`fake_quantize` returns the dequantized
 weight ``W_hat`` the deployed kernel computes with, column block by column block (bounded memory).
 
@@ -54,6 +57,7 @@ NOISE_SCOPES = ("tensor", "group")
 PRECISIONS: dict[str, WeightQuantConfig | None] = {
     "int4": WeightQuantConfig(bits=4, group_size=128, symmetric=True),
     "int4-g32-asym": WeightQuantConfig(bits=4, group_size=32, symmetric=False),
+    "int4-g32-fzp": WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True),
     "int8": WeightQuantConfig(bits=8, group_size=128, symmetric=True),
     "float": None,
 }
@@ -181,12 +185,11 @@ def _mean_square(array: np.ndarray, chunk: int = 1 << 22) -> float:
 
 
 def bits_per_weight(config: WeightQuantConfig | None, k: int) -> float:
-    """Nominal storage bits per weight of a ``[K, N]`` weight: ``b + 32 / G`` (+ ``b / G`` for zero
-    points when asymmetric); ``32`` for float (``config`` None)."""
+    """Nominal storage bits per weight of a ``[K, N]`` weight (:meth:`WeightQuantConfig.bits_per_weight`:
+    ``b + 32 / G``, plus the zero points when asymmetric); ``32`` for float (``config`` None)."""
     if config is None:
         return FLOAT_BITS
-    group = k if config.per_channel else config.group_size
-    return config.bits + 32.0 / group + (0.0 if config.symmetric else config.bits / group)
+    return config.bits_per_weight(k if config.per_channel else config.group_size)
 
 
 def precision_config(precision: str, *, tied_dim: int | None = None) -> WeightQuantConfig | None:
@@ -199,6 +202,7 @@ def precision_config(precision: str, *, tied_dim: int | None = None) -> WeightQu
         return config
     from graphq.passes.embedding_quant import embedding_group
 
+    config = dataclasses.replace(config, float_zero_points=False)  # GatherBlockQuantized: integer zero points
     group = embedding_group(tied_dim, config.group_size)
     return config if group is None else dataclasses.replace(config, group_size=group)
 

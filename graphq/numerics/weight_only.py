@@ -27,9 +27,18 @@ Codes. With ``b`` bits (2..8) and ``qmax = 2^b - 1``, a weight is stored as an u
   trick 0.77-0.79, ``s = max|w| / 8`` with a positive scale 0.81-0.96, ``s = 2 max|w| / 15`` (the
   GPTQ reference's symmetric grid) 0.89-0.98. The sign trick wins everywhere, costs nothing at run
   time (a scale is just a multiplier) and matches what ORT writes itself.
-- A group that is all zeros gets ``s = 1`` (no division by zero; its codes are ``z``).
+- Float zero points (``float_zero_points``, asymmetric only): the affine form ``w_hat = s q + m`` of
+  llama.cpp's Q4_1, stored as MatMulNBits stores it, ``w_hat = (q - z) s`` with a float32 ``z = -m / s``.
+  The range is the group's own, ``lo = min w``, ``hi = max w`` (no widening to hold 0: the offset is
+  free), ``s = (hi - lo) / qmax``, ``z = -lo / s`` and ``q = clip(round(w / s + z), 0, qmax)``. Both
+  ends of the range are on the grid, so a weight that already is a ``b``-bit affine group (a Q4_1
+  block using codes 0 and ``qmax``) comes back exactly, up to float32 rounding of ``(q - z) s``.
+  Cost: a float32 zero point per group, ``32 / G`` bits instead of ``b / G``.
+- A group that is all zeros (or constant) gets ``s = 1`` (no division by zero; its codes are ``z``,
+  rounded).
 - ``clip_ratio`` ``r`` (RTN, AWQ clip search) shrinks the range before the scale is taken:
-  ``e -> r e`` (symmetric) or ``lo, hi -> r lo, r hi`` (asymmetric); values outside are clipped.
+  ``e -> r e`` (symmetric) or ``lo, hi -> r lo, r hi`` (asymmetric); with float zero points the range
+  shrinks about its midpoint, ``hi - lo -> r (hi - lo)``. Values outside are clipped.
 
 GPTQ (Frantar et al., 2022). For calibration inputs ``X`` (rows are tokens), ``H = 2 X^T X / n``
 (``K x K``, :func:`hessian_accumulate` streams it) is the Hessian of the layer's output error
@@ -112,6 +121,7 @@ class WeightQuantConfig:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    float_zero_points: bool = False  # asymmetric only: a float32 zero point per group (module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -120,6 +130,21 @@ class WeightQuantConfig:
             raise GraphqError(f"group size must be a positive integer, or 0 / -1 for per channel, got {self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise GraphqError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.float_zero_points, bool):
+            raise GraphqError(f"float_zero_points must be true or false, got {self.float_zero_points!r}")
+        if self.float_zero_points and self.symmetric:
+            raise GraphqError("float zero points need asymmetric groups (a symmetric group has no zero point to store)")
+
+    @property
+    def zero_point_dtype(self) -> type:
+        """float32 with float zero points, else uint8."""
+        return np.float32 if self.float_zero_points else np.uint8
+
+    def bits_per_weight(self, group_length: int) -> float:
+        """Nominal storage bits per weight: ``b`` for the code, ``32 / G`` for a float32 scale per group,
+        and per group a zero point when asymmetric (``b / G``, or ``32 / G`` when it is a float)."""
+        zero = 0.0 if self.symmetric else (32.0 if self.float_zero_points else self.bits) / group_length
+        return self.bits + 32.0 / group_length + zero
 
     @property
     def qmax(self) -> int:
@@ -158,7 +183,7 @@ class QuantizedWeight:
 
     q: np.ndarray  # [K, N] uint8 codes in 0 .. 2^bits - 1 (zero point included)
     scales: np.ndarray  # [n_groups, N] float32 (symmetric scales may be negative: the sign trick)
-    zero_points: np.ndarray  # [n_groups, N] uint8 (2^(bits-1) everywhere when symmetric)
+    zero_points: np.ndarray  # [n_groups, N] uint8 (2^(bits-1) everywhere when symmetric); float32 with float zero points
     config: WeightQuantConfig
 
     def __post_init__(self) -> None:
@@ -166,7 +191,8 @@ class QuantizedWeight:
             raise ValueError(f"codes must be a 2-D uint8 array, got {self.q.dtype} {self.q.shape}")
         k, n = self.q.shape
         expected = (-(-k // self.group_length), n)
-        for name, array, dtype in (("scales", self.scales, np.float32), ("zero_points", self.zero_points, np.uint8)):
+        for name, array, dtype in (("scales", self.scales, np.float32),
+                                   ("zero_points", self.zero_points, self.config.zero_point_dtype)):
             if array.shape != expected or array.dtype != dtype:
                 raise ValueError(f"{name} must be {np.dtype(dtype)} {expected}, got {array.dtype} {array.shape}")
         if k and int(self.q.max(initial=0)) > self.config.qmax:
@@ -232,13 +258,20 @@ def _group_extremes(grouped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _params_from_groups(grouped: np.ndarray, config: WeightQuantConfig, ratio: np.ndarray | float = 1.0
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Scales (float32) and zero points (uint8) for groups along axis -2: ``[..., G, N] -> [..., N]``."""
+    """Scales (float32) and zero points (uint8; float32 with float zero points) for groups along axis -2:
+    ``[..., G, N] -> [..., N]``."""
     return _params_from_extremes(*_group_extremes(grouped), config, ratio)
 
 
 def _params_from_extremes(low: np.ndarray, high: np.ndarray, config: WeightQuantConfig,
                           ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Scales and zero points from each group's float64 ``min w`` and ``max w`` (module docstring)."""
+    if config.float_zero_points:
+        width = high - low
+        lo = low + width * (1.0 - np.asarray(ratio)) / 2.0  # exactly ``low`` at ratio 1
+        scale = (width * ratio / config.qmax).astype(np.float32)
+        scale = np.where(scale == 0, np.float32(1.0), scale)
+        return scale, (-lo / scale.astype(np.float64)).astype(np.float32)
     lo = np.minimum(low, 0.0) * ratio
     hi = np.maximum(high, 0.0) * ratio
     if config.symmetric:
@@ -254,7 +287,11 @@ def _params_from_extremes(low: np.ndarray, high: np.ndarray, config: WeightQuant
 
 
 def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int) -> np.ndarray:
-    """``clip(round(w / s) + z, 0, qmax)`` (uint8), with ``s`` and ``z`` broadcasting against ``w``."""
+    """``clip(round(w / s) + z, 0, qmax)`` (uint8), with ``s`` and ``z`` broadcasting against ``w``; a
+    float zero point is added before rounding, ``round(w / s + z)``."""
+    if zero.dtype.kind == "f":
+        q = np.rint(w / scale.astype(np.float64) + zero.astype(np.float64))
+        return np.clip(q, 0, qmax).astype(np.uint8)
     q = np.rint(w / scale.astype(np.float64)) + zero
     return np.clip(q, 0, qmax).astype(np.uint8)
 
@@ -265,7 +302,10 @@ def _codes_float32(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int
     Division is correctly rounded in both precisions and rounding is monotone, so ``rint`` of the
     float32 quotient ``fl32(w / s)`` equals ``rint`` of the float64 one except where ``fl32(w / s)`` is
     exactly a half-integer (a float64 tie is also a float32 tie: a value within half a float64 ulp of
-    ``n + 1/2`` rounds to it in float32 too); only those elements are recomputed in float64."""
+    ``n + 1/2`` rounds to it in float32 too); only those elements are recomputed in float64. Float zero
+    points are worked in float64 (:func:`_codes`): their sum has no such shortcut."""
+    if zero.dtype.kind == "f":
+        return _codes(w.astype(np.float64), scale, zero, qmax)
     q = np.divide(w, scale)
     codes = np.rint(q)
     np.subtract(q, codes, out=q)
@@ -283,7 +323,7 @@ def _codes_float32(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int
 
 def group_params(weight: np.ndarray, config: WeightQuantConfig, *, clip_ratio: float | np.ndarray = 1.0,
                  pad: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Round-to-nearest scales ``[n_groups, N]`` (float32) and zero points (uint8) of ``W [K, N]``."""
+    """Round-to-nearest scales ``[n_groups, N]`` (float32) and zero points (``config.zero_point_dtype``) of ``W [K, N]``."""
     w = _as_weight(weight)
     grouped = _group_view(w, config.group_length(w.shape[0], pad=pad))
     return _params_from_groups(grouped, config, _clip_ratios(clip_ratio, (grouped.shape[0], w.shape[1])))
@@ -296,7 +336,7 @@ def quantize_with_params(weight: np.ndarray, scales: np.ndarray, zero_points: np
     k, n = w.shape
     rows = np.arange(k) // config.group_length(k, pad=pad)
     scales = np.asarray(scales, dtype=np.float32)
-    zero_points = np.asarray(zero_points, dtype=np.uint8)
+    zero_points = np.asarray(zero_points, dtype=config.zero_point_dtype)
     q = _codes(w, scales[rows], zero_points[rows], config.qmax)
     return QuantizedWeight(q, scales, zero_points, config)
 
@@ -512,7 +552,7 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, *, order: np.ndarr
 @dataclasses.dataclass(frozen=True)
 class GptqGrid:
     """The quantization grid GPTQ rounds each row onto: ``params(grouped [.., G, N], ratio)`` gives a
-    group's scales (float32) and zero points (uint8), ``round(row [N], scale [N], zero [N])`` a row's
+    group's scales (float32) and zero points (``config.zero_point_dtype``), ``round(row [N], scale [N], zero [N])`` a row's
     codes (uint8) and their dequantized values (float64, or float32 for a float32 row where the grid
     supports it), ``result`` the class holding the outcome."""
 
@@ -602,7 +642,7 @@ def _gptq_quantize(weight: np.ndarray, *, hessian: np.ndarray, config: WeightQua
     w[np.diag(h) == 0, :] = 0.0  # inputs that never fired
 
     scales = np.empty((n_groups, n), dtype=np.float32)
-    zeros = np.empty((n_groups, n), dtype=np.uint8)
+    zeros = np.empty((n_groups, n), dtype=config.zero_point_dtype)
     perm, upper = factor.order, factor.upper
     if act_order:
         scales[:], zeros[:] = grid.params(_group_view(w, g), ratios)  # static groups
@@ -853,7 +893,8 @@ def pack_matmul_nbits(qw: QuantizedWeight) -> dict:
 
     Returns ``B`` uint8 ``[N, n_blocks, blob_size]``, ``scales`` float32 ``[N * n_blocks]``,
     ``zero_points`` uint8 ``[N * ceil(n_blocks * bits / 8)]`` (None when symmetric: ORT then uses
-    ``2^(bits-1)``), and the attributes ``K``, ``N``, ``bits``, ``block_size``.
+    ``2^(bits-1)``; float32 ``[N * n_blocks]``, unpacked, with float zero points), and the attributes
+    ``K``, ``N``, ``bits``, ``block_size``.
     """
     bits = qw.config.bits
     if bits not in PACKABLE_BITS:
@@ -862,7 +903,9 @@ def pack_matmul_nbits(qw: QuantizedWeight) -> dict:
     block_size = matmul_nbits_block_size(qw)
     n_blocks = qw.scales.shape[0]
     zero_points = None
-    if not qw.config.symmetric:
+    if qw.config.float_zero_points:
+        zero_points = np.ascontiguousarray(qw.zero_points.T, dtype=np.float32).reshape(-1)
+    elif not qw.config.symmetric:
         per_byte = 8 // bits
         columns = np.zeros((n, -(-n_blocks // per_byte) * per_byte), dtype=np.uint8)
         columns[:, :n_blocks] = qw.zero_points.T
