@@ -401,7 +401,7 @@ def _quantize_mixed(model: Path, output: Path, recipe, *, budget_bits: float | N
               help="Analysis JSON to write (also the cache: reused when it is this model's with the same options).")
 @click.option("--windows", type=int, default=None, help="Calibration windows of wiki.valid.tokens (default 4).")
 @click.option("--window-tokens", type=int, default=None, help="Tokens per calibration window (default 128).")
-@click.option("--precisions", default=None, help="Comma-separated precisions to measure (default int4,int4-g32-asym,int8).")
+@click.option("--precisions", default=None, help="Comma-separated precisions to measure (default int4,int4-g32-asym,int4-g32-fzp,int8).")
 @click.option("--measured-others", type=int, default=None,
               help="Replays at the non-int4 precisions, most damaged nodes first (default 16; -1: every node).")
 @click.option("--lens", "lens_nodes", type=int, default=None, help="Nodes given the perturbation lens (default 8; 0: none).")

@@ -38,7 +38,7 @@ from graphq.numerics.sensitivity import FLOAT_BITS, PRECISIONS
 
 PLAN_FORMAT_VERSION = 1
 PLAN_KIND = "graphq-precision-plan"
-DEFAULT_PRECISIONS = ("int4", "int4-g32-asym", "int8", "float")
+DEFAULT_PRECISIONS = ("int4", "int4-g32-asym", "int4-g32-fzp", "int8", "float")
 DEFAULT_RESOLUTION = 20000
 
 

@@ -78,7 +78,7 @@ class AnalysisConfig:
     window_tokens: int = 128
     batch: int = 4  # windows per ONNX Runtime call
     threads: int = 2
-    precisions: tuple[str, ...] = ("int4", "int4-g32-asym", "int8")
+    precisions: tuple[str, ...] = ("int4", "int4-g32-asym", "int4-g32-fzp", "int8")
     measured_others: int = 16  # replays at the non-int4 precisions (most damaged nodes first); -1: all
     outlier_ratio: float = DEFAULT_OUTLIER_RATIO
     lens_nodes: int = 8

@@ -257,8 +257,8 @@ class WeightOnlyResult:
 
     def size_breakdown(self) -> dict:
         """Bytes of the file vs the bound: per quantized weight ``bits + 32 / G`` (a float32 scale per
-        group, plus ``bits / G`` for a zero point) with each weight's own bits and group, plus the
-        float initializers. ``bits_per_quantized_weight`` is that bound's average."""
+        group, plus ``bits / G`` for a zero point, ``32 / G`` for a float one, emitted as such or as
+        offsets) with each weight's own bits and group, plus the other float initializers. ``bits_per_quantized_weight`` is that bound's average."""
         bound = self.weight_bits / 8 + self.float_bytes
         return {"quantized_weights": self.quantized_weights,
                 "bits_per_quantized_weight": round(self.weight_bits / max(self.quantized_weights, 1), 4),
@@ -552,7 +552,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
         graph = CleanupPass()(graph).model
         float_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
                           if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-                          and not v.name.endswith(".scales"))
+                          and not v.name.endswith((".scales", ".zero_points", ".offsets")))  # in weight_bits
         import json
 
         from graphq.config import recipe_to_dict

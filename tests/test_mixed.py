@@ -158,8 +158,8 @@ def test_unknown_gptq_precision_is_refused():
 def test_int4_g32_asym_nodes_and_a_shared_head_carry_zero_points(precision, tiny_llama_onnx, tmp_path):
     """``int4-g32-asym``: MatMulNBits with blocks of 32 and uint4 zero points; a tied head at that precision
     shares its codes and zero points with the lookup (GatherBlockQuantized), and the model stays close.
-    ``int4-g32-fzp``: float zero points on the MatMulNBits; the tied head keeps integer ones (the lookup
-    reads no float zero points)."""
+    ``int4-g32-fzp``: float zero points, emitted as a symmetric MatMulNBits plus the offset term (no zero
+    points on the kernel); the tied head keeps integer ones (the lookup reads no float ones)."""
     model = ir.load(tiny_llama_onnx)
     names = [n.name for n in model.graph if n.op_type == "MatMul" and n.name.endswith("proj/MatMul")] + ["/lm_head/MatMul"]
     assignments = {name: (precision if "mlp" in name or name == "/lm_head/MatMul" else "int4") for name in names}
@@ -170,14 +170,14 @@ def test_int4_g32_asym_nodes_and_a_shared_head_carry_zero_points(precision, tiny
     onnx.checker.check_model(proto)
     nbits = {n.name[: -len("_Q4")]: n for n in proto.graph.node if n.op_type == "MatMulNBits"}
     assert set(nbits) == set(names)
-    types = {i.name: i.data_type for i in proto.graph.initializer}
+    offsets = {n.name[: -len("_add_offsets")] for n in proto.graph.node if n.name.endswith("_add_offsets")}
     for name, node in nbits.items():
         block = next(a.i for a in node.attribute if a.name == "block_size")
         has_zero_points = len(node.input) > 3 and node.input[3] != ""
-        assert (block, has_zero_points) == ((32, True) if assignments[name] == precision else (128, False)), name
-        if has_zero_points:
-            float_zero_points = precision == "int4-g32-fzp" and name != "/lm_head/MatMul"
-            assert (types[node.input[3]] == onnx.TensorProto.FLOAT) == float_zero_points, name
+        float_zero_points = assignments[name] == "int4-g32-fzp" and name != "/lm_head/MatMul"
+        expected = (128, False) if assignments[name] == "int4" else (32, not float_zero_points)
+        assert (block, has_zero_points) == expected, name
+        assert (name in offsets) == float_zero_points, name
     (lookup,) = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(lookup.input) == 4 and next(a.i for a in lookup.attribute if a.name == "block_size") == 32
     assert result.plan.counts() == {"int4": sum(v == "int4" for v in assignments.values()),

@@ -27,19 +27,25 @@ def test_analysis_structure(analysed, tiny_llama_onnx):
     assert len(analysis.nodes) == 15 and analysis.tokens == 3 * 31
     assert math.isfinite(analysis.float_nll)
     for node in analysis.nodes:
-        assert set(node.damage) == {"int4", "int4-g32-asym", "int8"}
+        assert set(node.damage) == {"int4", "int4-g32-asym", "int4-g32-fzp", "int8"}
         assert node.damage["int4"].measured
         assert node.damage["int4"].kl > -1e-6  # float32 KL: tiny negatives are rounding
         assert node.damage["int4"].local_error > node.damage["int4-g32-asym"].local_error > node.damage["int8"].local_error > 0
         assert node.damage["int4"].bits == (4.5 if node.tied else 4.25) and node.damage["int8"].bits == (8.5 if node.tied else 8.25)
         assert node.damage["int4-g32-asym"].bits == 5.125  # 4 + 32 / 32 + 4 / 32, tied or not
-        assert set(node.scales) == {"int4", "int4-g32-asym", "int8"} and node.scales["int4"]["max"] >= node.scales["int4"]["min"] > 0
+        # float zero points: 4 + 64 / 32 bits and a finer grid; a tied head keeps integer ones (the shared lookup)
+        fzp, asym = node.damage["int4-g32-fzp"], node.damage["int4-g32-asym"]
+        if node.tied:
+            assert (fzp.bits, fzp.local_error) == (asym.bits, asym.local_error)
+        else:
+            assert fzp.bits == 6.0 and 0 < fzp.local_error < asym.local_error
+        assert set(node.scales) == {"int4", "int4-g32-asym", "int4-g32-fzp", "int8"} and node.scales["int4"]["max"] >= node.scales["int4"]["min"] > 0
         assert node.weight["abs_max"] > 0 and node.role in node.name
     head = analysis.node("/lm_head/MatMul")
     assert head.tied and head.block is None and head.role == "lm_head"
     # The 4 nodes with most int4 damage are replayed at the other precisions; the others estimated from the local error ratio.
     ranked = sorted(analysis.nodes, key=lambda n: -n.damage["int4"].kl)
-    for other in ("int4-g32-asym", "int8"):
+    for other in ("int4-g32-asym", "int4-g32-fzp", "int8"):
         assert [n.damage[other].measured for n in ranked] == [True] * 4 + [False] * 11
         for node in ranked[4:]:
             ratio = node.damage[other].local_error / node.damage["int4"].local_error
@@ -55,7 +61,7 @@ def test_analysis_structure(analysed, tiny_llama_onnx):
         assert stats.abs_max == max(abs(stats.min), abs(stats.max)) == max(stats.channel_abs_max)
         assert stats.std > 0 and stats.kurtosis > 1
         assert len(stats.channel_abs_max) == (128 if "mlp/Mul" in stats.tensor else 64)
-    assert analysis.timing["replays"] == 15 + 2 * 4 + 2 * 2  # int4 everywhere, 4 each at the other two, the lens
+    assert analysis.timing["replays"] == 15 + 3 * 4 + 2 * 2  # int4 everywhere, 4 each at the other three, the lens
     assert load_analysis(path) == analysis
 
 

@@ -6,6 +6,7 @@ import pytest
 from conftest import run_model, single_matmul_model
 from graphq.errors import GraphqError
 from graphq.numerics.weight_only import WeightQuantConfig, quantize_rtn
+from graphq.passes.qdq_insert import new_initializer
 from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
 
 RNG = np.random.default_rng(1)
@@ -42,7 +43,7 @@ def test_matmul_nbits(symmetric, tied, tmp_path):
 def test_matmul_nbits_float_zero_points(tmp_path):
     qw = quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True), pad=True)
 
-    result = WeightOnlyEmissionPass({"proj": qw})(_model())
+    result = WeightOnlyEmissionPass({"proj": qw}, WeightOnlyEmitConfig(float_zero_points="native"))(_model())
 
     (node,) = [n for n in result.model.graph]
     assert node.op_type == "MatMulNBits" and len(node.inputs) == 4
@@ -85,3 +86,34 @@ def test_bad_requests_are_refused():
         WeightOnlyEmitConfig(format="gguf")
     with pytest.raises(GraphqError):
         WeightOnlyEmitConfig(accuracy_level=7)
+
+
+def test_float_zero_points_as_symmetric_kernel_plus_offsets(tmp_path):
+    """By default float zero points become a symmetric MatMulNBits (the fast kernels) plus the exact offset
+    term: Add(MatMulNBits(x), MatMul(MatMul(x, P), O)); two MatMuls reading one input share the group sums."""
+    from graphq.numerics.weight_only import split_float_zero_points
+
+    config = WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True)
+    qw = quantize_rtn(W, config)
+    symmetric, offsets = split_float_zero_points(qw)
+    np.testing.assert_allclose(symmetric.dequantize() + np.repeat(offsets, 32, axis=0), qw.dequantize(), rtol=1e-5, atol=1e-6)
+    second = quantize_rtn(W[:, ::-1] * 0.5, config)
+    model = single_matmul_model(W, X.shape[:-1])
+    graph = model.graph
+    twin = ir.node("MatMul", [graph.inputs[0], new_initializer(graph, "w2", np.ascontiguousarray(W[:, ::-1] * 0.5))], name="twin")
+    twin.outputs[0].name = "y2"
+    twin.outputs[0].dtype, twin.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([*X.shape[:-1], N])
+    graph.append(twin)
+    graph.outputs.append(twin.outputs[0])
+
+    result = WeightOnlyEmissionPass({"proj": qw, "twin": second})(model)
+
+    ops = [n.op_type for n in result.model.graph]
+    assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 3 and ops.count("Add") == 2  # 1 shared group sum
+    assert all(len(n.inputs) == 3 for n in result.model.graph if n.op_type == "MatMulNBits")  # no zero points
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    actual, actual2 = run_model(result.model, {"x": X}, tmp_path)
+    np.testing.assert_allclose(actual, X @ qw.dequantize(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(actual2, X @ second.dequantize(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(GraphqError, match="float_zero_points"):
+        WeightOnlyEmitConfig(float_zero_points="fused")

@@ -888,6 +888,21 @@ def matmul_nbits_block_size(qw: QuantizedWeight) -> int:
     return block
 
 
+def split_float_zero_points(qw: QuantizedWeight) -> tuple[QuantizedWeight, np.ndarray]:
+    """Float zero points as a symmetric weight plus per-group offsets, for kernels without them.
+
+    With ``c = 2^(b-1)``, ``(q - z) s = (q - c) s + (c - z) s``: the same codes and scales read with the
+    fixed zero point ``c`` (the symmetric form), plus an offset ``O[g, n] = (c - z[g, n]) s[g, n]`` that
+    is constant over the rows of group ``g``. So ``x W_hat = x W_sym + S(x) O`` with the group sums
+    ``S(x)[g] = sum_{k in g} x_k``. Returns ``(W_sym, O)``, ``O`` float32 ``[n_groups, N]``."""
+    if not qw.config.float_zero_points:
+        raise ValueError("the weight has integer zero points")
+    config = dataclasses.replace(qw.config, symmetric=True, float_zero_points=False)
+    centre = config.symmetric_zero_point
+    offsets = ((centre - qw.zero_points.astype(np.float64)) * qw.scales.astype(np.float64)).astype(np.float32)
+    return QuantizedWeight(qw.q, qw.scales, np.full(qw.scales.shape, centre, dtype=np.uint8), config), offsets
+
+
 def pack_matmul_nbits(qw: QuantizedWeight) -> dict:
     """The inputs and attributes of ``com.microsoft.MatMulNBits`` for ``qw`` (2, 4 or 8 bits).
 
