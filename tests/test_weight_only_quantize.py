@@ -45,8 +45,13 @@ def test_recipe_end_to_end(name, tiny_llama_onnx, float_ppl, tmp_path):
     # The tied LM head shares its codes with the embedding lookup, in embedding_bits (8 by default).
     assert {n.attributes["bits"].value for n in fused if not n.name.startswith("/lm_head/")} == {recipe.weights.bits}
     assert {n.attributes["bits"].value for n in fused if n.name.startswith("/lm_head/")} == {recipe.embedding_config.bits}
-    # Attention and rotary MatMuls have no constant weight: reported and left float.
-    assert len(result.float_nodes) == 5 and all(n.op_type != "MatMul" or n.name in result.float_nodes for n in model.graph)
+    # Attention and rotary MatMuls have no constant weight: reported and left float. Float zero points add
+    # the offset term's MatMuls (group sums, offsets) beside each symmetric kernel.
+    added = [n for n in model.graph if n.name.endswith("_zero_point_offsets") or "/group_sums_" in n.name]
+    # 14 offsets (the head keeps integer zero points) and 4 group sums per block (q/k/v and gate/up share theirs)
+    assert len(added) == (14 + 2 * 4 if recipe.weights.float_zero_points else 0)
+    assert len(result.float_nodes) == 5
+    assert all(n.op_type != "MatMul" or n.name in result.float_nodes for n in model.graph if n not in added)
     assert json.loads(model.metadata_props["graphq.recipe"])["name"] == name
     ppl = evaluate_model(out, EvalConfig(windows=2, measure_speed=False), progress=False).perplexity
     budget = 0.002 if recipe.weights.bits == 8 else 0.03  # random tiny model: error budget of the bit width
