@@ -145,7 +145,8 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq", "codebook", "dq-cube"]), default=None,
               help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21); cube-root "
                    "weights: codebook Gather or DequantizeLinear + Pow 3.")
-@click.option("--accuracy-level", type=int, default=None, help="[weight-only] MatMulNBits accuracy_level (0 unset; 4: int8 activations).")
+@click.option("--accuracy-level", type=int, default=None, help="[weight-only] MatMulNBits accuracy_level for every node (0: unset, float activations; 4: int8 "
+                   "activations). Default: 4 for 8-bit weights (ORT's float path for them is ~90x slower), unset for others.")
 @click.option("--embedding", type=click.Choice(["quantized", "float"]), default=None,
               help="[weight-only] Token embedding as GatherBlockQuantized (sharing a tied head's codes) or float.")
 @click.option("--embedding-bits", type=click.Choice(["4", "8"]), default=None,

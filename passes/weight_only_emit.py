@@ -8,14 +8,20 @@ dimension. Two output forms, chosen by :class:`WeightOnlyEmitConfig`:
 - ``matmulnbits``: one ``com.microsoft.MatMulNBits`` node (ONNX Runtime CPU and CUDA EPs) with
   ``B`` packed two codes per byte (4 bits), ``scales`` and, for asymmetric groups, packed
   ``zero_points`` (float zero points go unpacked, in the scales' float type, which the operator
-  accepts as well). ONNX Runtime 1.32's CPU kernel has no fast path for float zero points (decode
-  ran at 0.11-0.25x float on SmolLM2 against 1.8x for uint4 ones), so by default
-  (``float_zero_points = "correction"``) they are emitted without them: a symmetric ``MatMulNBits``
-  of the same codes and scales plus the exact offset term ``S(x) O``
+  accepts as well). ONNX Runtime 1.32's CPU kernel has no fast path for float zero points (SmolLM2
+  with-past decode at ``accuracy_level`` 4: 0.25x float, against 1.88x with uint4 ones), so by
+  default (``float_zero_points = "correction"``) they are emitted without them: a symmetric
+  ``MatMulNBits`` of the same codes and scales plus the exact offset term ``S(x) O``
   (:func:`~graphq.numerics.weight_only.split_float_zero_points`), ``Add(MatMulNBits(x), MatMul(S(x), O))``,
   where the group sums ``S(x) = MatMul(x, P)`` with the 0/1 indicator ``P [K, n_groups]`` are computed
-  once per input and group length. ``"native"`` passes the float zero points to the operator. ``accuracy_level`` (0 = unset: float activations; 4 = int8 activations inside
-  the kernel) is an explicit option, never silent.
+  once per input and group length (1.69x float). ``"native"`` passes the float zero points to the
+  operator.
+
+  ``accuracy_level`` (0 = unset: float activations; 4 = int8 activations inside the kernel, per
+  block) is written on every node that has one. ``None`` (the default) means 4 for 8-bit weights and
+  unset for the others: ONNX Runtime 1.32's CPU float path for 8-bit weights is pathologically slow
+  (one token through SmolLM2's tied 576 x 49152 head at g64: 74.7 ms unset against 0.86 ms at level
+  4, 2 threads), which made every recipe with an 8-bit head decode at 0.29x float.
 - ``qdq``: standard ONNX ``DequantizeLinear(q, s, z, axis=0, block_size=G)`` (opset 21, uint4 for
   4 bits, uint8 for 8 bits) feeding the original ``MatMul``: the blockwise form TensorRT
   consumes. The model's default-domain opset is raised to 21 where it is lower. Its zero point must
@@ -55,7 +61,7 @@ _STORAGE = {4: ml_dtypes.uint4, 8: np.uint8}
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyEmitConfig:
     format: str = "matmulnbits"
-    accuracy_level: int = 0
+    accuracy_level: int | None = None  # None: 4 for 8-bit weights, unset for others (module docstring)
     float_zero_points: str = "correction"  # MatMulNBits: the offset term beside a symmetric kernel, or "native"
 
     def __post_init__(self) -> None:
@@ -63,8 +69,14 @@ class WeightOnlyEmitConfig:
             raise GraphqError(f"float_zero_points must be one of {FLOAT_ZERO_POINT_FORMS}, got '{self.float_zero_points}'")
         if self.format not in EMIT_FORMATS:
             raise GraphqError(f"emit format must be one of {EMIT_FORMATS}, got '{self.format}'")
-        if self.accuracy_level not in ACCURACY_LEVELS:
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
             raise GraphqError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
+
+    def level_for(self, bits: int) -> int:
+        """The ``accuracy_level`` of a MatMulNBits with ``bits``-bit weights (0: the attribute is left out)."""
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return 4 if bits == 8 else 0
 
 
 def weight_float_type(node: ir.Node) -> ir.DataType:
@@ -132,8 +144,9 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
                 zero_points = zero_points.astype(float_type.numpy())
             inputs.append(new_initializer(graph, f"{stem}.zero_points", zero_points))
         attributes = {"K": packed["K"], "N": packed["N"], "bits": packed["bits"], "block_size": packed["block_size"]}
-        if self.config.accuracy_level:
-            attributes["accuracy_level"] = self.config.accuracy_level
+        level = self.config.level_for(qw.config.bits)
+        if level:
+            attributes["accuracy_level"] = level
         fused = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=f"{node.name}_Q{qw.config.bits}")
         graph.insert_before(node, fused)
         output, result = node.outputs[0], fused.outputs[0]

@@ -117,3 +117,17 @@ def test_float_zero_points_as_symmetric_kernel_plus_offsets(tmp_path):
     np.testing.assert_allclose(actual2, X @ second.dequantize(), rtol=1e-4, atol=1e-4)
     with pytest.raises(GraphqError, match="float_zero_points"):
         WeightOnlyEmitConfig(float_zero_points="fused")
+
+
+@pytest.mark.parametrize("bits, level, expected", [(4, None, None), (8, None, 4), (8, 0, None), (4, 4, 4)])
+def test_accuracy_level_default_is_4_for_8_bit_weights(bits, level, expected, tmp_path):
+    """ORT 1.32's float path for 8-bit MatMulNBits is ~90x slower than its int8 one, so 8-bit weights get
+    accuracy_level 4 unless the recipe names a level; an explicit level applies to every node."""
+    qw = quantize_rtn(W, WeightQuantConfig(bits=bits, group_size=32))
+    result = WeightOnlyEmissionPass({"proj": qw}, WeightOnlyEmitConfig(accuracy_level=level))(_model())
+    (node,) = [n for n in result.model.graph]
+    attribute = node.attributes.get("accuracy_level")
+    assert (attribute.value if attribute is not None else None) == expected
+    (actual,) = run_model(result.model, {"x": X}, tmp_path)
+    budget = 0.02 if expected else 1e-4  # level 4 quantizes the activations to int8 per block inside the kernel
+    np.testing.assert_allclose(actual, X @ qw.dequantize(), rtol=budget, atol=budget * np.abs(X @ qw.dequantize()).max())
