@@ -80,6 +80,14 @@ class MixedRecipe:
             raise GraphqError(f"recipe mixed: embedding must be one of {EMBEDDING_MODES}, got '{self.embedding}'")
         if self.precision not in GPTQ_PRECISIONS:
             raise GraphqError(f"recipe mixed: precision must be one of {GPTQ_PRECISIONS}, got '{self.precision}'")
+        floating = [p for p in self.precisions if PRECISIONS[p] is not None and PRECISIONS[p].float_zero_points]
+        if floating and self.emit.format != "matmulnbits":
+            if tuple(self.precisions) != DEFAULT_PRECISIONS:
+                raise GraphqError(f"recipe mixed: {', '.join(floating)} (float zero points) is emitted as MatMulNBits only, "
+                                  f"not as format '{self.emit.format}'; leave it out of the precisions")
+            logger.info("mixed: format %s takes integer zero points only; %s left out of the candidates",
+                        self.emit.format, ", ".join(floating))
+            object.__setattr__(self, "precisions", tuple(p for p in self.precisions if p not in floating))
         object.__setattr__(self, "precisions", tuple(self.precisions))
 
 

@@ -258,7 +258,8 @@ class WeightOnlyResult:
     def size_breakdown(self) -> dict:
         """Bytes of the file vs the bound: per quantized weight ``bits + 32 / G`` (a float32 scale per
         group, plus ``bits / G`` for a zero point, ``32 / G`` for a float one, emitted as such or as
-        offsets) with each weight's own bits and group, plus the other float initializers. ``bits_per_quantized_weight`` is that bound's average."""
+        offsets) with each weight's own bits and group, plus the other float initializers.
+        ``bits_per_quantized_weight`` is that bound's average."""
         bound = self.weight_bits / 8 + self.float_bytes
         return {"quantized_weights": self.quantized_weights,
                 "bits_per_quantized_weight": round(self.weight_bits / max(self.quantized_weights, 1), 4),

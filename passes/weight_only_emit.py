@@ -175,8 +175,12 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         if key not in self._group_sums:
             k = self.quantized[node.name].q.shape[0]
             if (k, group) not in self._indicators:
-                indicator = (np.arange(k)[:, None] // group == np.arange(k // group)[None, :]).astype(float_type.numpy())
-                self._indicators[(k, group)] = new_initializer(graph, f"group_indicator_{k}x{group}", indicator)
+                name = f"group_indicator_{k}x{group}"
+                existing = graph.initializers.get(name)  # from an earlier emission into this graph (streamed blocks)
+                if existing is None:
+                    indicator = (np.arange(k)[:, None] // group == np.arange(k // group)[None, :]).astype(float_type.numpy())
+                    existing = new_initializer(graph, name, indicator)
+                self._indicators[(k, group)] = existing
             stem = (x.name or node.name).strip("/").replace("/", "_")
             sums = ir.node("MatMul", [x, self._indicators[(k, group)]], name=f"{stem}/group_sums_{group}")
             graph.insert_before(node, sums)

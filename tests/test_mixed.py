@@ -154,6 +154,18 @@ def test_unknown_gptq_precision_is_refused():
         MixedRecipe(precision="float16")
 
 
+def test_float_zero_points_need_matmul_nbits():
+    """Blockwise DequantizeLinear takes integer zero points: the default candidates drop int4-g32-fzp, a
+    precision list naming it is refused."""
+    from graphq.passes.weight_only_emit import WeightOnlyEmitConfig
+
+    qdq = WeightOnlyEmitConfig(format="qdq")
+    assert "int4-g32-fzp" in MixedRecipe().precisions
+    assert "int4-g32-fzp" not in MixedRecipe(emit=qdq).precisions
+    with pytest.raises(GraphqError, match="MatMulNBits only"):
+        MixedRecipe(emit=qdq, precisions=("int4", "int4-g32-fzp", "float"))
+
+
 @pytest.mark.parametrize("precision", ["int4-g32-asym", "int4-g32-fzp"])
 def test_int4_g32_asym_nodes_and_a_shared_head_carry_zero_points(precision, tiny_llama_onnx, tmp_path):
     """``int4-g32-asym``: MatMulNBits with blocks of 32 and uint4 zero points; a tied head at that precision
