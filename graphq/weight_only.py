@@ -267,11 +267,6 @@ class WeightOnlyResult:
                 "file_over_bound": round(self.file_bytes / bound, 4)}
 
 
-def bits_per_weight(config: WeightQuantConfig, group_length: int) -> float:
-    """Codes plus a float32 scale (and zero point) per group: :meth:`WeightQuantConfig.bits_per_weight`."""
-    return config.bits_per_weight(group_length)
-
-
 def _plan(model: ir.Model, recipe: WeightOnlyRecipe) -> tuple[list[ir.Node], list[str]]:
     patterns = [re.compile(p) for p in recipe.float_nodes]
     planned, kept = [], []
@@ -471,7 +466,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
         def done(batch: dict[str, QuantizedWeight]) -> None:
             """Record ``batch``; streamed: emit it now and move its tensors to the output file."""
             for name, q in batch.items():
-                summary[name] = (int(np.prod(q.shape)), int(np.prod(q.shape)) * bits_per_weight(q.config, q.group_length))
+                summary[name] = (int(np.prod(q.shape)), int(np.prod(q.shape)) * q.config.bits_per_weight(q.group_length))
             if sink is None:
                 quantized.update(batch)
                 return
@@ -547,7 +542,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
                     if how == "own":
                         vocab, dim = tables[gather]
                         embedded += vocab * dim
-                        embedded_bits += vocab * dim * bits_per_weight(recipe.embedding_config, embedding_group(dim, recipe.weights.group_size))
+                        embedded_bits += vocab * dim * recipe.embedding_config.bits_per_weight(embedding_group(dim, recipe.weights.group_size))
             else:
                 logger.info("weight-only: embeddings stay float with the %s format", recipe.emit.format)
         graph = CleanupPass()(graph).model
