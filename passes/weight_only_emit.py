@@ -130,9 +130,12 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
 
     def _matmul_nbits(self, graph: ir.Graph, node: ir.Node, qw: QuantizedWeight) -> None:
         offsets = None
-        if (qw.config.float_zero_points and self.config.float_zero_points == "correction"
-                and qw.q.shape[0] % qw.group_length == 0):
-            qw, offsets = split_float_zero_points(qw)
+        if qw.config.float_zero_points and self.config.float_zero_points == "correction":
+            if qw.q.shape[0] % qw.group_length == 0:
+                qw, offsets = split_float_zero_points(qw)
+            else:  # a padded last group has no whole-group sum: the operator reads the float zero points itself
+                logger.info("weight-only: %s: K = %d is not a multiple of the group %d; float zero points passed "
+                            "to MatMulNBits (its slow path on ORT 1.32's CPU EP)", node.name, qw.q.shape[0], qw.group_length)
         packed = pack_matmul_nbits(qw)
         stem = node.name.strip("/").replace("/", "_")
         float_type = weight_float_type(node)
@@ -152,7 +155,7 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         output, result = node.outputs[0], fused.outputs[0]
         result.dtype, result.shape = output.dtype or float_type, output.shape
         if offsets is not None:
-            sums = self._group_sum(graph, node, qw.group_length, float_type)
+            sums = self._group_sum(graph, node.inputs[0], qw.q.shape[0], qw.group_length, float_type, before=node)
             offset_values = new_initializer(graph, f"{stem}.offsets", offsets.astype(float_type.numpy()))
             correction = ir.node("MatMul", [sums, offset_values], name=f"{node.name}_zero_point_offsets")
             total = ir.node("Add", [result, correction.outputs[0]], name=f"{node.name}_add_offsets")
@@ -167,13 +170,13 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         output.name, result.name = f"{name}/float_matmul", name
         drop_unused_weight(graph, old_weight)
 
-    def _group_sum(self, graph: ir.Graph, node: ir.Node, group: int, float_type: ir.DataType) -> ir.Value:
-        """``S(x) = MatMul(x, P)`` for ``node``'s input ``x [..., K]``, ``P[k, g] = 1`` where ``k // group == g``;
-        one per input and group length (q/k/v and gate/up share theirs), one ``P`` per ``K`` and group length."""
-        x = node.inputs[0]
+    def _group_sum(self, graph: ir.Graph, x: ir.Value, k: int, group: int, float_type: ir.DataType, *,
+                   before: ir.Node) -> ir.Value:
+        """``S(x) = MatMul(x, P)`` for an input ``x [..., K]``, ``P[k, g] = 1`` where ``k // group == g``, inserted
+        before its first user; one per input and group length (q/k/v and gate/up share theirs), one ``P`` per
+        ``K`` and group length."""
         key = (x.name, group)
         if key not in self._group_sums:
-            k = self.quantized[node.name].q.shape[0]
             if (k, group) not in self._indicators:
                 name = f"group_indicator_{k}x{group}"
                 existing = graph.initializers.get(name)  # from an earlier emission into this graph (streamed blocks)
@@ -181,9 +184,9 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
                     indicator = (np.arange(k)[:, None] // group == np.arange(k // group)[None, :]).astype(float_type.numpy())
                     existing = new_initializer(graph, name, indicator)
                 self._indicators[(k, group)] = existing
-            stem = (x.name or node.name).strip("/").replace("/", "_")
+            stem = (x.name or before.name).strip("/").replace("/", "_")
             sums = ir.node("MatMul", [x, self._indicators[(k, group)]], name=f"{stem}/group_sums_{group}")
-            graph.insert_before(node, sums)
+            graph.insert_before(before, sums)
             sums.outputs[0].dtype = float_type
             if x.shape is not None:
                 sums.outputs[0].shape = ir.Shape([*list(x.shape)[:-1], k // group])
