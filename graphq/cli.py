@@ -140,8 +140,11 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--group-size", type=int, default=None, help="[weight-only] Group size along the input dimension (0: per channel).")
 @click.option("--asym/--sym", "asymmetric", default=None, help="[weight-only] Asymmetric (zero point) or symmetric groups.")
 @click.option("--float-zero-points/--int-zero-points", "float_zero_points", default=None,
-              help="[weight-only] Asymmetric groups: float32 zero points (the affine s q + m of Q4_1; MatMulNBits only) "
+              help="[weight-only] Asymmetric groups: float zero points (the affine s q + m of Q4_1; MatMulNBits only) "
                    "or integer ones.")
+@click.option("--scale-dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="[weight-only] How group scales (and float zero points) are stored. Default float16 (a Cast that "
+                   "ONNX Runtime folds at load), float32 with --format qdq (the form TensorRT consumes).")
 @click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq", "codebook", "dq-cube"]), default=None,
               help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21); cube-root "
                    "weights: codebook Gather or DequantizeLinear + Pow 3.")
@@ -155,7 +158,7 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
               help="[weight-only gptq/awq] Calibrate each block on the already-quantized blocks before it (default) "
                    "or all blocks on the float model in one pass.")
 @click.option("--budget-bits", type=float, default=None,
-              help="[mixed] Average bits per weight (int4 g128 = 4.25, int8 = 8.25, float = 32; default 4.5).")
+              help="[mixed] Average bits per weight (int4 g128 = 4.125, int8 = 8.125, float = 32; default 4.5).")
 @click.option("--target-ratio", type=float, default=None,
               help="[mixed] Instead of a budget: the smallest plan with predicted perplexity ratio <= this.")
 @click.option("--analysis", "analysis_path", type=click.Path(path_type=Path), default=None,
@@ -173,8 +176,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
              alpha: float | None, no_smoothquant: bool,
              activations: str | None, range_method: str | None, weight_clip: str | None, k_sigma: float | None,
              peg_groups: int | None, peg_permute: bool | None, bits: int | None, group_size: int | None,
-             asymmetric: bool | None, float_zero_points: bool | None, emit_format: str | None, accuracy_level: int | None,
-             embedding: str | None, embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
+             asymmetric: bool | None, float_zero_points: bool | None, scale_dtype: str | None, emit_format: str | None,
+             accuracy_level: int | None, embedding: str | None, embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
              analysis_path: Path | None, plan_path: Path | None, mixed_method: str | None, calib_windows: int | None,
              calib_text: Path | None, tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
     """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
@@ -192,7 +195,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
     if recipe_name is None and cache_config.active:
         options = {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                    "--range": range_method, "--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric,
-                   "--float-zero-points/--int-zero-points": float_zero_points, "--format": emit_format, "--accuracy-level": accuracy_level, "--embedding": embedding,
+                   "--float-zero-points/--int-zero-points": float_zero_points, "--scale-dtype": scale_dtype, "--format": emit_format,
+                   "--accuracy-level": accuracy_level, "--embedding": embedding,
                    "--embedding-bits": embedding_bits, "--sequential/--one-pass": sequential, "--budget-bits": budget_bits,
                    "--target-ratio": target_ratio, "--analysis": analysis_path, "--plan": plan_path,
                    "--method": mixed_method, "--calib-windows": calib_windows, "--calib-text": calib_text,
@@ -211,7 +215,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
             raise GraphqError("--kv-cache/--attention combine with w8a8 and weight-only recipes, not with 'mixed'")
         misplaced = [k for k, v in {"--alpha": alpha, "--no-smoothquant": no_smoothquant or None, "--activations": activations,
                                     "--range": range_method, "--bits": bits, "--group-size": group_size,
-                                    "--asym/--sym": asymmetric, "--sequential/--one-pass": sequential, "--weight-clip": weight_clip,
+                                    "--asym/--sym": asymmetric, "--float-zero-points/--int-zero-points": float_zero_points,
+                                    "--scale-dtype": scale_dtype, "--sequential/--one-pass": sequential, "--weight-clip": weight_clip,
                                     "--k": k_sigma, "--peg-groups": peg_groups, "--peg-permute": peg_permute}.items()
                      if v is not None]
         if misplaced:
@@ -233,8 +238,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
                     "--range": range_method, "--weight-clip": weight_clip, "--k": k_sigma, "--peg-groups": peg_groups,
                     "--peg-permute": peg_permute}
     weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric,
-                      "--float-zero-points/--int-zero-points": float_zero_points, "--format": emit_format,
-                      "--accuracy-level": accuracy_level, "--embedding": embedding, "--embedding-bits": embedding_bits,
+                      "--float-zero-points/--int-zero-points": float_zero_points, "--scale-dtype": scale_dtype,
+                      "--format": emit_format, "--accuracy-level": accuracy_level, "--embedding": embedding, "--embedding-bits": embedding_bits,
                       "--sequential/--one-pass": sequential}
     is_w8a8 = isinstance(recipe, W8A8Recipe)
     misplaced = [k for k, v in (weight_options if is_w8a8 else w8a8_options).items() if v is not None]
@@ -259,8 +264,10 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
             peg = dataclasses.replace(peg, **{k: v for k, v in (("groups", peg_groups), ("permute", peg_permute)) if v is not None})
             recipe = dataclasses.replace(recipe, peg=peg, pack_matmuls=False)  # PEG splits MatMuls: no packing
     else:
+        if scale_dtype is None and emit_format == "qdq":
+            scale_dtype = "float32"  # DequantizeLinear reads its scale as an initializer of the output type
         changes = {"bits": bits, "group_size": group_size, "symmetric": None if asymmetric is None else not asymmetric,
-                   "float_zero_points": float_zero_points}
+                   "float_zero_points": float_zero_points, "scale_dtype": scale_dtype}
         weights = dataclasses.replace(recipe.weights, **{k: v for k, v in changes.items() if v is not None})
         emit = recipe.emit
         for field, value in (("format", emit_format), ("accuracy_level", accuracy_level)):

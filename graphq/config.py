@@ -71,6 +71,7 @@ W8A8_GRIDS = ("uniform", "cuberoot")
 # Node-name pattern of the LM head in optimum's exports of decoder LMs.
 LM_HEAD_NODES = ("^/lm_head/",)
 _STATIC = QdqConfig(activation_scheme="static")
+_CUBEROOT_WEIGHTS = WeightQuantConfig(scale_dtype="float32")  # the dq-cube form stores cube roots of the scales
 
 # Defaults chosen from measurements on SmolLM2-135M (tools/bench_quality.py, 40 windows; the README
 # has the table): per-token activations with a = 0.5 keep perplexity within 1.5 %. The LM head stays
@@ -105,18 +106,19 @@ RECIPES: dict[str, W8A8Recipe | WeightOnlyRecipe] = {
     # AWQ's scale search folded in, then GPTQ with clip search: the most accurate W4 g128 measured on
     # SmolLM2-135M (40 windows: 33.830 = 1.177x float vs w4-gptq 34.549, w4-awq 35.885; 8 min, 2.4 GB).
     "w4-awq-gptq": WeightOnlyRecipe(name="w4-awq-gptq", method="gptq", gptq=GptqConfig(awq_scales=True)),
-    "w4-rtn-g32-asym": WeightOnlyRecipe(name="w4-rtn-g32-asym", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
+    "w4-rtn-g32-asym": WeightOnlyRecipe(name="w4-rtn-g32-asym", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False, scale_dtype="float16")),
     "w4-gptq-g32-asym": WeightOnlyRecipe(name="w4-gptq-g32-asym", method="gptq",
-                                         weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False)),
+                                         weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False, scale_dtype="float16")),
     # Float zero points (the affine s q + m of llama.cpp's Q4_1; MatMulNBits only): 6 bits per weight.
-    "w4-rtn-g32-fzp": WeightOnlyRecipe(name="w4-rtn-g32-fzp", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False,
+    "w4-rtn-g32-fzp": WeightOnlyRecipe(name="w4-rtn-g32-fzp", weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False, scale_dtype="float16",
                                                                                        float_zero_points=True)),
     "w4-gptq-g32-fzp": WeightOnlyRecipe(name="w4-gptq-g32-fzp", method="gptq",
-                                        weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True)),
-    "w8-rtn": WeightOnlyRecipe(name="w8-rtn", weights=WeightQuantConfig(bits=8, group_size=128, symmetric=True)),
+                                        weights=WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True, scale_dtype="float16")),
+    "w8-rtn": WeightOnlyRecipe(name="w8-rtn", weights=WeightQuantConfig(bits=8, group_size=128, symmetric=True, scale_dtype="float16")),
     # Cube-root companding (seed 004): non-uniform 4-bit levels, g128, same tied 8-bit head/embedding as w4-rtn.
-    "w4-cuberoot": WeightOnlyRecipe(name="w4-cuberoot", grid="cuberoot", emit=WeightOnlyEmitConfig(format="codebook")),
-    "w4-cuberoot-gptq": WeightOnlyRecipe(name="w4-cuberoot-gptq", method="gptq", grid="cuberoot",
+    "w4-cuberoot": WeightOnlyRecipe(name="w4-cuberoot", grid="cuberoot", weights=_CUBEROOT_WEIGHTS,
+                                    emit=WeightOnlyEmitConfig(format="codebook")),
+    "w4-cuberoot-gptq": WeightOnlyRecipe(name="w4-cuberoot-gptq", method="gptq", grid="cuberoot", weights=_CUBEROOT_WEIGHTS,
                                          emit=WeightOnlyEmitConfig(format="codebook")),
     # int4 / int8 / float per MatMul from the sensitivity analysis, within 4.5 bits per weight.
     "mixed": MixedRecipe(),
@@ -157,7 +159,15 @@ def _from_plain(annotation, data, where: str):
         unknown = set(data) - names
         if unknown:
             raise GraphqError(f"recipe: unknown key(s) {sorted(unknown)} in '{where}'")
-        return annotation(**{k: _from_plain(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+        defaults = {f.name: f.default for f in dataclasses.fields(annotation)}
+
+        def field_data(name, value):  # a partial mapping keeps the rest of the field's default (e.g. its scale_dtype)
+            default = defaults[name]
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                return {**_to_plain(default), **value}
+            return value
+
+        return annotation(**{k: _from_plain(hints[k], field_data(k, v), f"{where}.{k}") for k, v in data.items()})
     if origin in (tuple, frozenset):
         if not isinstance(data, list):
             raise GraphqError(f"recipe: '{where}' must be a list, got {_shown(data)}")

@@ -1,7 +1,7 @@
 """Precision planning: int4 / int8 / float per MatMul under a size budget, from measured damage.
 
 Each analysed node ``n`` has ``w_n`` weights and, per allowed precision ``c``, nominal bits per weight
-``b_n(c)`` (:func:`~graphq.numerics.sensitivity.bits_per_weight`: 4.25 for int4 g128, 8.25 for int8
+``b_n(c)`` (:func:`~graphq.numerics.sensitivity.bits_per_weight`: 4.125 for int4 g128, 8.125 for int8
 g128, 32 for float; a tied head's group follows its embedding) and a damage ``d_n(c)``, the mean KL
 of :mod:`graphq.sensitivity` (``d_n(float) = 0``). A plan picks one ``c_n`` per node:
 

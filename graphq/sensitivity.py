@@ -66,7 +66,7 @@ from graphq.numerics.sensitivity import (
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_FORMAT_VERSION = 1
+ANALYSIS_FORMAT_VERSION = 2  # 2: precisions store float16 scales (their bits changed)
 ANALYSIS_KIND = "graphq-analysis"
 LOCAL_SAMPLE_TOKENS = 512
 REFERENCE_PRECISION = "int4"

@@ -47,7 +47,7 @@ from graphq.numerics.weight_only import WeightQuantConfig
 
 logger = logging.getLogger(__name__)
 
-CUBEROOT_W8 = WeightQuantConfig(bits=8, group_size=0, symmetric=True)
+CUBEROOT_W8 = WeightQuantConfig(bits=8, group_size=0, symmetric=True, scale_dtype="float32")
 
 
 class CubeRootQdqPass(QdqInsertionPass):

@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from graphq.numerics.weight_only import WeightQuantConfig, pack_matmul_nbits, quantize_rtn
 from graphq.passes.qdq_insert import new_initializer
+from graphq.passes.weight_only_emit import stored_float
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,9 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
         quantized = quantize_rtn(table.astype(np.float32).T, dataclasses.replace(cfg, group_size=group))
         packed = pack_matmul_nbits(quantized)
         stem = gather.name.strip("/").replace("/", "_")
+        float_type = ir.DataType.FLOAT16 if table.dtype == np.float16 else ir.DataType.FLOAT
         inputs = [new_initializer(graph, f"{stem}.qweight", packed["B"].reshape(vocab, -1)),
-                  new_initializer(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1).astype(table.dtype))]
+                  stored_float(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1), cfg.scale_dtype, float_type)]
         if packed["zero_points"] is not None:
             inputs.append(new_initializer(graph, f"{stem}.zero_points", packed["zero_points"].reshape(vocab, -1)))
         return inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": cfg.bits}

@@ -30,7 +30,9 @@ dimension. Two output forms, chosen by :class:`WeightOnlyEmitConfig`:
 Weights that are the transpose of a constant (a tied LM head) are handled like plain constants;
 the source constant stays for its other users (the embedding ``Gather``). Scales take the float
 type of the weight they replace (float16 models get float16 scales: ``MatMulNBits`` and
-``DequantizeLinear`` tie the scale type to the activation / output type).
+``DequantizeLinear`` tie the scale type to the activation / output type). Weights quantized with
+``scale_dtype = "float16"`` in a float32 graph store their scales (and offsets or float zero points) as
+float16 behind a ``Cast`` to float32 (:func:`stored_float`), which ONNX Runtime folds at session start.
 """
 
 from __future__ import annotations
@@ -89,6 +91,28 @@ def weight_float_type(node: ir.Node) -> ir.DataType:
     return dtype if dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else ir.DataType.FLOAT
 
 
+def stored_float(graph: ir.Graph, name: str, values: np.ndarray, storage: str, float_type: ir.DataType) -> ir.Value:
+    """``values`` as a ``float_type`` input: an initializer of that type, or, stored as float16 (``storage``)
+    in a graph that computes in another float type, a float16 initializer read through a ``Cast``. The
+    Cast reads a constant and goes first in the graph; ONNX Runtime folds it into a constant of
+    ``float_type`` when the session starts, so kernels that pre-pack their constant inputs (MatMulNBits,
+    GatherBlockQuantized) still do, and run as fast as with that type stored. That needs ORT's basic
+    optimisation level or above (its default): with ``ORT_DISABLE_ALL``, ONNX Runtime 1.32's MatMulNBits at
+    ``accuracy_level`` 4 pre-packs ``B`` without the (not yet constant) scales and outputs zeros."""
+    if storage != "float16" or float_type == ir.DataType.FLOAT16:
+        return new_initializer(graph, name, values.astype(float_type.numpy()))
+    half = new_initializer(graph, name, values.astype(np.float16))
+    cast = ir.node("Cast", [half], attributes={"to": float_type}, name=f"{name}/Cast")
+    cast.outputs[0].name = f"{name}_as_{float_type.name.lower()}"
+    cast.outputs[0].dtype, cast.outputs[0].shape = float_type, half.shape
+    first = next(iter(graph), None)
+    if first is None:
+        graph.append(cast)
+    else:
+        graph.insert_before(first, cast)
+    return cast.outputs[0]
+
+
 def named_matmuls(graph: ir.Graph, names, who: str) -> dict[str, ir.Node]:
     """The MatMul nodes called ``names``; GraphqError (prefixed ``who``) naming the first that is not one."""
     nodes = {node.name: node for node in graph}
@@ -139,13 +163,13 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         packed = pack_matmul_nbits(qw)
         stem = node.name.strip("/").replace("/", "_")
         float_type = weight_float_type(node)
+        storage = qw.config.scale_dtype
         inputs = [node.inputs[0], new_initializer(graph, f"{stem}.qweight", packed["B"]),
-                  new_initializer(graph, f"{stem}.scales", packed["scales"].astype(float_type.numpy()))]
+                  stored_float(graph, f"{stem}.scales", packed["scales"], storage, float_type)]
         zero_points = packed["zero_points"]
         if zero_points is not None:
-            if zero_points.dtype.kind == "f":
-                zero_points = zero_points.astype(float_type.numpy())
-            inputs.append(new_initializer(graph, f"{stem}.zero_points", zero_points))
+            inputs.append(stored_float(graph, f"{stem}.zero_points", zero_points, storage, float_type)
+                          if zero_points.dtype.kind == "f" else new_initializer(graph, f"{stem}.zero_points", zero_points))
         attributes = {"K": packed["K"], "N": packed["N"], "bits": packed["bits"], "block_size": packed["block_size"]}
         level = self.config.level_for(qw.config.bits)
         if level:
@@ -156,7 +180,7 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         result.dtype, result.shape = output.dtype or float_type, output.shape
         if offsets is not None:
             sums = self._group_sum(graph, node.inputs[0], qw.q.shape[0], qw.group_length, float_type, before=node)
-            offset_values = new_initializer(graph, f"{stem}.offsets", offsets.astype(float_type.numpy()))
+            offset_values = stored_float(graph, f"{stem}.offsets", offsets, storage, float_type)
             correction = ir.node("MatMul", [sums, offset_values], name=f"{node.name}_zero_point_offsets")
             total = ir.node("Add", [result, correction.outputs[0]], name=f"{node.name}_add_offsets")
             graph.insert_before(node, [correction, total])
@@ -205,7 +229,7 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
                               "as MatMulNBits (format matmulnbits) or use integer ones")
         stem = node.name.strip("/").replace("/", "_")
         codes = new_initializer(graph, f"{stem}.qweight", qw.q.astype(_STORAGE[bits]))
-        scales = new_initializer(graph, f"{stem}.scales", qw.scales.astype(weight_float_type(node).numpy()))
+        scales = stored_float(graph, f"{stem}.scales", qw.scales, qw.config.scale_dtype, weight_float_type(node))
         zeros = new_initializer(graph, f"{stem}.zero_points", qw.zero_points.astype(_STORAGE[bits]))
         dq = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": 0, "block_size": qw.group_length},
                      name=f"{stem}/weight_DequantizeLinear")

@@ -109,7 +109,7 @@ def test_cli_bad_cuberoot_options_write_nothing(args, message, tiny_llama_onnx, 
 
 def test_cuberoot_with_awq_is_refused():
     with pytest.raises(GraphqError, match="not with AWQ scales"):
-        WeightOnlyRecipe(method="awq", grid="cuberoot", emit=RECIPES["w4-cuberoot"].emit)
+        WeightOnlyRecipe(method="awq", grid="cuberoot", weights=RECIPES["w4-cuberoot"].weights, emit=RECIPES["w4-cuberoot"].emit)
     with pytest.raises(GraphqError, match="not with AWQ scales"):
         dataclasses.replace(RECIPES["w4-cuberoot-gptq"], gptq=dataclasses.replace(RECIPES["w4-gptq"].gptq, awq_scales=True))
     with pytest.raises(GraphqError, match="supports 4 or 8 bits"):

@@ -41,16 +41,20 @@ def _table(model):
     return model.graph.initializers["embed"].const_value.numpy()
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_own_codes_reproduce_rtn_rows_exactly(symmetric, tmp_path):
+def test_own_codes_reproduce_rtn_rows_exactly(symmetric, scale_dtype, tmp_path):
     model = _model(tied_head=False)
     table = _table(model)
-    config = WeightQuantConfig(4, 32, symmetric)
+    config = WeightQuantConfig(4, 32, symmetric, scale_dtype=scale_dtype)
 
     result = EmbeddingQuantizationPass(EmbeddingQuantConfig(config))(model)
 
     assert result.modified
-    (node,) = list(model.graph)
+    *casts, node = list(model.graph)  # float16 scales: read through a Cast to float32 (folded by ORT at load)
+    assert [c.op_type for c in casts] == (["Cast"] if scale_dtype == "float16" else [])
+    assert model.graph.initializers[node.inputs[2].name if not casts else casts[0].inputs[0].name].const_value.dtype == (
+        ir.DataType.FLOAT16 if casts else ir.DataType.FLOAT)
     assert (node.op_type, node.domain) == ("GatherBlockQuantized", "com.microsoft")
     assert node.attributes.get_int("block_size") == 32 and node.attributes.get_int("bits") == 4
     assert "embed" not in model.graph.initializers  # the float table is gone

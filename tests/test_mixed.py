@@ -59,7 +59,7 @@ def test_budget_plan_end_to_end(method, analysis_file, tiny_llama_onnx, tmp_path
             assert meta["graphq.precision"] == precision
             assert float(meta["graphq.kl.int4"].split()[0]) == pytest.approx(_kl(analysis_file, name), rel=1e-3, abs=1e-12)
             assert meta["graphq.scales"].startswith("|s| min")
-            assert float(meta["graphq.bits_per_weight"]) in (4.25, 4.5, 5.125, 8.25, 8.5)
+            assert float(meta["graphq.bits_per_weight"]) in (4.125, 4.25, 4.625, 5.0, 8.125, 8.25)  # float16 scales
     summary = json.loads({p.key: p.value for p in model.metadata_props}["graphq.plan"])
     assert summary["average_bits"] == pytest.approx(plan.average_bits) and summary["budget_bits"] == 5.0
     # The tied head is int4 or int8: the embedding lookup reads its codes.
@@ -101,8 +101,8 @@ def test_plan_file_with_float_head_keeps_a_float_lookup(tiny_llama_onnx, tmp_pat
     assert sum(op == "MatMulNBits" for op in ops.values()) == 14
     assert result.plan.counts() == {"int4": 12, "int8": 2, "float": 1}
     assert result.plan.average_bits == pytest.approx(
-        (sum(4.25 * w for n, w in _sizes(model).items() if assignments[n] == "int4")
-         + sum(8.25 * w for n, w in _sizes(model).items() if assignments[n] == "int8") + 32 * 64 * 260) / sum(_sizes(model).values()))
+        (sum(4.125 * w for n, w in _sizes(model).items() if assignments[n] == "int4")
+         + sum(8.125 * w for n, w in _sizes(model).items() if assignments[n] == "int8") + 32 * 64 * 260) / sum(_sizes(model).values()))
 
 
 def _sizes(model):

@@ -31,14 +31,15 @@ def test_analysis_structure(analysed, tiny_llama_onnx):
         assert node.damage["int4"].measured
         assert node.damage["int4"].kl > -1e-6  # float32 KL: tiny negatives are rounding
         assert node.damage["int4"].local_error > node.damage["int4-g32-asym"].local_error > node.damage["int8"].local_error > 0
-        assert node.damage["int4"].bits == (4.5 if node.tied else 4.25) and node.damage["int8"].bits == (8.5 if node.tied else 8.25)
-        assert node.damage["int4-g32-asym"].bits == 5.125  # 4 + 32 / 32 + 4 / 32, tied or not
-        # float zero points: 4 + 64 / 32 bits and a finer grid; a tied head keeps integer ones (the shared lookup)
+        # float16 scales: 4 + 16 / 128 (a tied head's group is 64), 8 + 16 / 128
+        assert node.damage["int4"].bits == (4.25 if node.tied else 4.125) and node.damage["int8"].bits == (8.25 if node.tied else 8.125)
+        assert node.damage["int4-g32-asym"].bits == 4.625  # 4 + 16 / 32 + 4 / 32, tied or not
+        # float zero points: 4 + 32 / 32 bits (float16 scale and offset) and a finer grid; a tied head keeps integer ones (the shared lookup)
         fzp, asym = node.damage["int4-g32-fzp"], node.damage["int4-g32-asym"]
         if node.tied:
             assert (fzp.bits, fzp.local_error) == (asym.bits, asym.local_error)
         else:
-            assert fzp.bits == 6.0 and 0 < fzp.local_error < asym.local_error
+            assert fzp.bits == 5.0 and 0 < fzp.local_error < asym.local_error
         assert set(node.scales) == {"int4", "int4-g32-asym", "int4-g32-fzp", "int8"} and node.scales["int4"]["max"] >= node.scales["int4"]["min"] > 0
         assert node.weight["abs_max"] > 0 and node.role in node.name
     head = analysis.node("/lm_head/MatMul")

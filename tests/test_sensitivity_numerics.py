@@ -84,10 +84,12 @@ def test_matched_noise_has_the_error_variance(kind, scope):
 
 
 def test_bits_per_weight_accounting():
-    assert bits_per_weight(precision_config("int4"), 576) == 4.25
-    assert bits_per_weight(precision_config("int8"), 1536) == 8.25
+    assert bits_per_weight(precision_config("int4"), 576) == 4.125  # float16 scales
+    assert bits_per_weight(precision_config("int8"), 1536) == 8.125
     assert bits_per_weight(precision_config("float"), 576) == 32
-    assert bits_per_weight(precision_config("int4", tied_dim=576), 576) == 4.5  # tied head: group 64 (divides 576)
+    assert bits_per_weight(precision_config("int4", tied_dim=576), 576) == 4.25  # tied head: group 64 (divides 576)
+    assert bits_per_weight(precision_config("int4-g32-fzp"), 576) == 5.0  # float16 scale and offset per 32
+    assert bits_per_weight(WeightQuantConfig(4, 32, symmetric=False, float_zero_points=True), 64) == 6.0  # float32 ones
     assert bits_per_weight(WeightQuantConfig(4, 32, symmetric=False), 64) == 4 + 1 + 4 / 32
     assert bits_per_weight(WeightQuantConfig(4, 0), 64) == 4.5
     with pytest.raises(ValueError, match="unknown precision"):

@@ -131,3 +131,41 @@ def test_accuracy_level_default_is_4_for_8_bit_weights(bits, level, expected, tm
     (actual,) = run_model(result.model, {"x": X}, tmp_path)
     budget = 0.02 if expected else 1e-4  # level 4 quantizes the activations to int8 per block inside the kernel
     np.testing.assert_allclose(actual, X @ qw.dequantize(), rtol=budget, atol=budget * np.abs(X @ qw.dequantize()).max())
+
+
+@pytest.mark.parametrize("level", [None, 4])
+@pytest.mark.parametrize("float_zero_points", [False, True])
+def test_float16_scales_behind_a_cast_that_onnx_runtime_folds(level, float_zero_points, tmp_path):
+    """scale_dtype float16 in a float32 graph: scales (and offsets) are float16 initializers read through a
+    Cast placed first in the graph; the output equals X @ W_hat at float32 precision (the stored values are the
+    numerics' own), and ONNX Runtime's basic optimisation level leaves no Cast (folded into constants, which
+    MatMulNBits pre-packs). With float32 storage there is no Cast."""
+    config = WeightQuantConfig(bits=4, group_size=32, symmetric=not float_zero_points, float_zero_points=float_zero_points,
+                               scale_dtype="float16")
+    qw = quantize_rtn(W, config, pad=True)
+
+    result = WeightOnlyEmissionPass({"proj": qw}, WeightOnlyEmitConfig(accuracy_level=level))(_model())
+
+    graph = result.model.graph
+    casts = [n for n in graph if n.op_type == "Cast"]
+    assert [n.op_type for n in graph][:len(casts)] == ["Cast"] * len(casts)
+    stored = {v.name: v.const_value.dtype for v in graph.initializers.values()}
+    assert stored["proj.scales"] == ir.DataType.FLOAT16
+    assert len(casts) == (2 if float_zero_points and K % 32 == 0 else 1)
+    assert [name for name, dtype in stored.items() if dtype == ir.DataType.FLOAT] == (["group_indicator_96x32"] if float_zero_points else [])
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    (actual,) = run_model(result.model, {"x": X}, tmp_path)
+    expected = X @ qw.dequantize()
+    budget = 0.02 if level else 1e-5  # level 4 quantizes the activations to int8 per block inside the kernel
+    np.testing.assert_allclose(actual, expected, rtol=budget, atol=budget * np.abs(expected).max())
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ir.save(result.model, tmp_path / "model.onnx")
+    ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    assert "Cast" not in [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+    plain = WeightOnlyEmissionPass({"proj": quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32), pad=True)})(_model())
+    assert "Cast" not in [n.op_type for n in plain.model.graph]

@@ -83,7 +83,8 @@ def test_cli_weight_only_options_and_report(tiny_llama_onnx, tmp_path, capsys):
                  "--format", "qdq"])
     assert code == 0
     report = json.loads(out.with_suffix(".graphq.json").read_text())
-    assert report["recipe"]["weights"] == {"bits": 4, "group_size": 32, "symmetric": False, "float_zero_points": False}
+    assert report["recipe"]["weights"] == {"bits": 4, "group_size": 32, "symmetric": False, "float_zero_points": False,
+                                           "scale_dtype": "float32"}  # --format qdq keeps float32 scales
     assert report["size_breakdown"]["file_over_bound"] > 0
     assert "size:" in capsys.readouterr().out
     assert sum(1 for n in ir.load(out).graph if n.op_type == "DequantizeLinear") == 15

@@ -138,7 +138,7 @@ def weight_errors(model: Path) -> list[dict]:
     from graphq.numerics.companding import quantize_cuberoot
     from graphq.numerics.weight_only import WeightQuantConfig, quantize_rtn
 
-    config = WeightQuantConfig(bits=4, group_size=128, symmetric=True)
+    config = WeightQuantConfig(bits=4, group_size=128, symmetric=True, scale_dtype="float32")
     rng = np.random.default_rng(0)
     sources = {"gaussian": [rng.standard_normal((576, 576))], "laplace": [rng.laplace(size=(576, 576))],
                "student-t3": [rng.standard_t(3, size=(576, 576))]}

@@ -132,7 +132,9 @@ class Row:
 
 
 def method_dir_name(method: str) -> str:
-    return method.replace(":", "-")
+    """``graphq-w4-rtn`` for ``graphq:w4-rtn``; a recipe file gives its stem (``graphq:tools/recipes/x.yaml``: ``graphq-x``)."""
+    kind, _, recipe = method.partition(":")
+    return f"{kind}-{Path(recipe).stem}" if recipe else kind
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

@@ -70,6 +70,9 @@ def check_cuberoot_config(config: WeightQuantConfig) -> None:
         raise GraphqError(f"cube-root quantization supports {' or '.join(map(str, CUBEROOT_BITS))} bits, got {config.bits}")
     if not config.symmetric:
         raise GraphqError("cube-root quantization is symmetric (companding is odd about 0); drop --asym")
+    if config.scale_dtype != "float32":
+        raise GraphqError("cube-root weights keep float32 group scales (the dq-cube form stores their cube roots); "
+                          "use scale_dtype float32")
 
 
 def codebook(bits: int) -> np.ndarray:

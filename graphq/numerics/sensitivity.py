@@ -26,17 +26,19 @@ whether the quantizer hurts through the size of its error (same damage) or throu
 
 **Precisions.** A plan gives each quantizable MatMul one of :data:`PRECISIONS`: ``int4`` (4-bit
 symmetric RTN, groups of 128 along ``K``), ``int4-g32-asym`` (4 bits in groups of 32 with a uint4 zero
-point each: 5.125 bits, between the two others), ``int4-g32-fzp`` (the same with a float32 zero point:
-6 bits; the affine form ``s q + m`` of llama.cpp's Q4_1, so a model converted from Q4_1 keeps its
-weights exactly), ``int8`` (symmetric, groups of 128) or ``float``. A tied LM head
+point each: 4.625 bits, between the two others), ``int4-g32-fzp`` (the same with a float zero point,
+stored as a float16 offset: 5.0 bits; the affine form ``s q + m`` of llama.cpp's Q4_1, so a model
+converted from Q4_1 keeps its weights, to within float16 rounding of the offsets), ``int8``
+(symmetric, groups of 128) or ``float``. Scales are float16 (``WeightQuantConfig.scale_dtype``). A tied LM head
 shares its codes with the embedding lookup, whose rows are cut into groups along the hidden size
 ``D``, with integer zero points (``GatherBlockQuantized`` reads no float ones: its ``int4-g32-fzp`` is
 ``int4-g32-asym``): its group is the largest power of two ``<= 128`` dividing ``D`` (64 for ``D = 576``; see
 :func:`graphq.passes.embedding_quant.embedding_group`). :func:`fake_quantize` returns the dequantized
 weight ``W_hat`` the deployed kernel computes with, column block by column block (bounded memory).
 
-**Bits per weight** (accounting of a precision plan): ``b + 32 / G`` for ``b``-bit codes in groups
-of ``G`` with one float32 scale per group (symmetric: no zero points; asymmetric adds ``b / G``),
+**Bits per weight** (accounting of a precision plan): ``b + 16 / G`` for ``b``-bit codes in groups
+of ``G`` with one float16 scale per group (symmetric: no zero points; asymmetric adds ``b / G``, or
+``16 / G`` for a float zero point's offset),
 ``32`` for float32. Padding of a last short group is not counted (nominal bits, as the budget is
 stated; the file size is reported separately).
 """
@@ -55,10 +57,10 @@ DEFAULT_OUTLIER_RATIO = 6.0
 NOISE_KINDS = ("gaussian", "uniform")
 NOISE_SCOPES = ("tensor", "group")
 PRECISIONS: dict[str, WeightQuantConfig | None] = {
-    "int4": WeightQuantConfig(bits=4, group_size=128, symmetric=True),
-    "int4-g32-asym": WeightQuantConfig(bits=4, group_size=32, symmetric=False),
-    "int4-g32-fzp": WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True),
-    "int8": WeightQuantConfig(bits=8, group_size=128, symmetric=True),
+    "int4": WeightQuantConfig(bits=4, group_size=128, symmetric=True, scale_dtype="float16"),
+    "int4-g32-asym": WeightQuantConfig(bits=4, group_size=32, symmetric=False, scale_dtype="float16"),
+    "int4-g32-fzp": WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True, scale_dtype="float16"),
+    "int8": WeightQuantConfig(bits=8, group_size=128, symmetric=True, scale_dtype="float16"),
     "float": None,
 }
 _COLUMN_BLOCK = 4096
@@ -186,7 +188,7 @@ def _mean_square(array: np.ndarray, chunk: int = 1 << 22) -> float:
 
 def bits_per_weight(config: WeightQuantConfig | None, k: int) -> float:
     """Nominal storage bits per weight of a ``[K, N]`` weight (:meth:`WeightQuantConfig.bits_per_weight`:
-    ``b + 32 / G``, plus the zero points when asymmetric); ``32`` for float (``config`` None)."""
+    ``b + S / G`` for ``S``-bit scales, plus the zero points when asymmetric); ``32`` for float (``config`` None)."""
     if config is None:
         return FLOAT_BITS
     return config.bits_per_weight(k if config.per_channel else config.group_size)

@@ -34,6 +34,17 @@ Codes. With ``b`` bits (2..8) and ``qmax = 2^b - 1``, a weight is stored as an u
   ends of the range are on the grid, so a weight that already is a ``b``-bit affine group (a Q4_1
   block using codes 0 and ``qmax``) comes back exactly, up to float32 rounding of ``(q - z) s``.
   Cost: a float32 zero point per group, ``32 / G`` bits instead of ``b / G``.
+- Float16 scales (``scale_dtype = "float16"``): each scale is rounded to the nearest float16 before the
+  codes are taken (the codes are then the nearest for that scale). With float zero points what is
+  stored beside the scale is the group's offset ``O = (c - z) s = c s + lo`` (``c = 2^(b-1)``; see
+  :func:`split_float_zero_points`), so that is the value rounded to float16, and ``z = c - O / s``.
+  The arrays stay float32 (every scale is exactly a float16); the emitter stores them as float16.
+  Cost: ``16 / G`` bits per scale (and per offset) instead of ``32 / G``: 4.125 bits per weight for
+  4-bit g128 symmetric, 5.0 for 4-bit g32 with float zero points (the size of the GGUF's Q4_1, which
+  stores float16 ``d`` and ``m``). A Q4_1 block then comes back with its codes, and its weights to within
+  half a float16 unit of its offset ``8 d + m`` (about the group's centre), no longer bit for bit. A scale or offset
+  beyond float16's range (65504) is an error; a scale below its smallest subnormal is taken as a
+  constant group's.
 - A group that is all zeros (or constant) gets ``s = 1`` (no division by zero; its codes are ``z``,
   rounded).
 - ``clip_ratio`` ``r`` (RTN, AWQ clip search) shrinks the range before the scale is taken:
@@ -107,6 +118,7 @@ from graphq.errors import GraphqError
 logger = logging.getLogger(__name__)
 
 MIN_BITS, MAX_BITS = 2, 8
+SCALE_DTYPES = ("float32", "float16")  # how group scales (and float zero points) are stored
 PACKABLE_BITS = (2, 4, 8)
 MAX_2BIT_BLOCK = 256  # ONNX Runtime 1.32's CPU kernel refuses larger 2-bit blocks
 AWQ_MIN_CHANNEL = 1e-4  # mean |x| below this is clamped before the power (as in the AWQ reference)
@@ -121,7 +133,10 @@ class WeightQuantConfig:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    float_zero_points: bool = False  # asymmetric only: a float32 zero point per group (module docstring)
+    float_zero_points: bool = False  # asymmetric only: a float zero point per group (module docstring)
+    # "float16": scales (and float zero points' offsets) rounded to float16 and stored so (module docstring).
+    # The numerics default keeps float32; the recipes and precisions of the product choose float16.
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -134,17 +149,24 @@ class WeightQuantConfig:
             raise GraphqError(f"float_zero_points must be true or false, got {self.float_zero_points!r}")
         if self.float_zero_points and self.symmetric:
             raise GraphqError("float zero points need asymmetric groups (a symmetric group has no zero point to store)")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise GraphqError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
 
     @property
     def zero_point_dtype(self) -> type:
         """float32 with float zero points, else uint8."""
         return np.float32 if self.float_zero_points else np.uint8
 
+    @property
+    def scale_bits(self) -> int:
+        """Bits of a stored scale (and of a float zero point): 32 or 16."""
+        return 16 if self.scale_dtype == "float16" else 32
+
     def bits_per_weight(self, group_length: int) -> float:
-        """Nominal storage bits per weight: ``b`` for the code, ``32 / G`` for a float32 scale per group,
-        and per group a zero point when asymmetric (``b / G``, or ``32 / G`` when it is a float)."""
-        zero = 0.0 if self.symmetric else (32.0 if self.float_zero_points else self.bits) / group_length
-        return self.bits + 32.0 / group_length + zero
+        """Nominal storage bits per weight: ``b`` for the code, ``scale_bits / G`` for a scale per group,
+        and per group a zero point when asymmetric (``b / G``, or ``scale_bits / G`` when it is a float)."""
+        zero = 0.0 if self.symmetric else (self.scale_bits if self.float_zero_points else self.bits) / group_length
+        return self.bits + self.scale_bits / group_length + zero
 
     @property
     def qmax(self) -> int:
@@ -197,6 +219,8 @@ class QuantizedWeight:
                 raise ValueError(f"{name} must be {np.dtype(dtype)} {expected}, got {array.dtype} {array.shape}")
         if k and int(self.q.max(initial=0)) > self.config.qmax:
             raise ValueError(f"codes exceed {self.config.qmax} for {self.config.bits} bits")
+        if self.config.scale_dtype == "float16" and not _is_half(self.scales):
+            raise ValueError("scale_dtype float16: every scale must be exactly a float16")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -263,27 +287,50 @@ def _params_from_groups(grouped: np.ndarray, config: WeightQuantConfig, ratio: n
     return _params_from_extremes(*_group_extremes(grouped), config, ratio)
 
 
+def _is_half(values: np.ndarray) -> bool:
+    """Whether every value is exactly a float16."""
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(values.astype(np.float16).astype(values.dtype), values))
+
+
+def _stored(values: np.ndarray, config: WeightQuantConfig, what: str = "scale") -> np.ndarray:
+    """``values`` rounded to how they are stored (float32, or float16 held in float32); GraphqError
+    for a value beyond float16's range."""
+    if config.scale_dtype != "float16":
+        return np.asarray(values).astype(np.float32)
+    with np.errstate(over="ignore"):
+        half = np.asarray(values).astype(np.float16)
+    if not np.isfinite(half).all():
+        raise GraphqError(f"a group {what} exceeds float16's range (65504); use scale_dtype float32")
+    return half.astype(np.float32)
+
+
+def _nonzero_scale(scale: np.ndarray) -> np.ndarray:
+    return np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+
+
 def _params_from_extremes(low: np.ndarray, high: np.ndarray, config: WeightQuantConfig,
                           ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Scales and zero points from each group's float64 ``min w`` and ``max w`` (module docstring)."""
     if config.float_zero_points:
         width = high - low
         lo = low + width * (1.0 - np.asarray(ratio)) / 2.0  # exactly ``low`` at ratio 1
-        scale = (width * ratio / config.qmax).astype(np.float32)
-        scale = np.where(scale == 0, np.float32(1.0), scale)
+        scale = _nonzero_scale(_stored(width * ratio / config.qmax, config))
+        if config.scale_dtype == "float16":  # the stored offset (c - z) s = c s + lo is a float16
+            centre = config.symmetric_zero_point
+            offset = _stored(centre * scale.astype(np.float64) + lo, config, "offset").astype(np.float64)
+            return scale, (centre - offset / scale.astype(np.float64)).astype(np.float32)
         return scale, (-lo / scale.astype(np.float64)).astype(np.float32)
     lo = np.minimum(low, 0.0) * ratio
     hi = np.maximum(high, 0.0) * ratio
     if config.symmetric:
         extreme = np.where(hi >= -lo, hi, lo)  # the signed value of largest magnitude
-        scale = (extreme / -config.symmetric_zero_point).astype(np.float32)
-        scale = np.where(scale == 0, np.float32(1.0), scale)
+        scale = _nonzero_scale(_stored(extreme / -config.symmetric_zero_point, config))
         zero = np.full(scale.shape, config.symmetric_zero_point, dtype=np.uint8)
     else:
-        scale = ((hi - lo) / config.qmax).astype(np.float32)
-        scale = np.where(scale == 0, np.float32(1.0), scale)
+        scale = _nonzero_scale(_stored((hi - lo) / config.qmax, config))
         zero = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, config.qmax).astype(np.uint8)
-    return scale.astype(np.float32), zero
+    return scale, zero
 
 
 def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: int) -> np.ndarray:
@@ -894,12 +941,13 @@ def split_float_zero_points(qw: QuantizedWeight) -> tuple[QuantizedWeight, np.nd
     With ``c = 2^(b-1)``, ``(q - z) s = (q - c) s + (c - z) s``: the same codes and scales read with the
     fixed zero point ``c`` (the symmetric form), plus an offset ``O[g, n] = (c - z[g, n]) s[g, n]`` that
     is constant over the rows of group ``g``. So ``x W_hat = x W_sym + S(x) O`` with the group sums
-    ``S(x)[g] = sum_{k in g} x_k``. Returns ``(W_sym, O)``, ``O`` float32 ``[n_groups, N]``."""
+    ``S(x)[g] = sum_{k in g} x_k``. Returns ``(W_sym, O)``, ``O`` float32 ``[n_groups, N]`` (rounded to the
+    storage type: with float16 scales, exactly the float16 offsets the numerics chose)."""
     if not qw.config.float_zero_points:
         raise ValueError("the weight has integer zero points")
     config = dataclasses.replace(qw.config, symmetric=True, float_zero_points=False)
     centre = config.symmetric_zero_point
-    offsets = ((centre - qw.zero_points.astype(np.float64)) * qw.scales.astype(np.float64)).astype(np.float32)
+    offsets = _stored((centre - qw.zero_points.astype(np.float64)) * qw.scales.astype(np.float64), qw.config, "offset")
     return QuantizedWeight(qw.q, qw.scales, np.full(qw.scales.shape, centre, dtype=np.uint8), config), offsets
 
 
