@@ -417,20 +417,23 @@ def _quantize_mixed(model: Path, output: Path, recipe, *, budget_bits: float | N
 @click.option("--lens-scope", type=click.Choice(["tensor", "group"]), default=None,
               help="Match the noise variance to the error per tensor (default) or per quantization group.")
 @click.option("--outlier-ratio", type=float, default=None, help="Outlier channel: abs-max above this x the median (default 6).")
+@click.option("--head-hot-fraction", type=float, default=None,
+              help="Tied LM head: fraction of its rows (those the calibration text uses most) kept at int8 at every lower "
+                   "precision (default 0.05; 0: none).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text file.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default 2).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file even if it is another model's analysis.")
 def analyze(model: Path, output: Path | None, windows: int | None, window_tokens: int | None, precisions: str | None,
             measured_others: int | None, lens_nodes: int | None, lens_select: tuple[str, ...], lens_scope: str | None,
-            outlier_ratio: float | None, calib_text: Path | None, threads: int | None, tokenizer: Path | None,
-            overwrite: bool) -> None:
+            outlier_ratio: float | None, head_hot_fraction: float | None, calib_text: Path | None, threads: int | None,
+            tokenizer: Path | None, overwrite: bool) -> None:
     """Sensitivity of every quantizable MatMul of MODEL (.onnx), activation statistics, perturbation lens."""
     from graphq.sensitivity import AnalysisConfig, analyze_model
 
     options = {"windows": windows, "window_tokens": window_tokens, "measured_others": measured_others,
                "lens_nodes": lens_nodes, "lens_scope": lens_scope, "outlier_ratio": outlier_ratio,
-               "text_path": calib_text, "threads": threads,
+               "head_hot_fraction": head_hot_fraction, "text_path": calib_text, "threads": threads,
                "precisions": tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None,
                "lens_select": lens_select or None}
     config = AnalysisConfig(**{k: v for k, v in options.items() if v is not None})

@@ -18,6 +18,11 @@
 3. A tied LM head and the embedding lookup share the head's codes (``GatherBlockQuantized`` reading
    them, :mod:`graphq.passes.embedding_quant`); a float head keeps a float lookup: one matrix,
    counted once. Embedding tables not tied to a head are quantized at int4 (recipe ``embedding``).
+   When the analysis gave the head hot rows (``AnalysisConfig.head_hot_fraction``: the rows the
+   calibration text uses most, :mod:`graphq.numerics.head_rows`) and its precision has fewer bits
+   than theirs, those rows are quantized at int8 and the others at the planned precision, both by
+   ``method``, and emitted in two tiers (:mod:`graphq.passes.tied_head_split`); the analysis measured
+   that head's damage and bits with the same split.
 4. Every planned node carries ONNX node metadata (``graphq.precision``, ``graphq.bits_per_weight``,
    ``graphq.kl.<precision>``, ``graphq.scales``) that Netron shows; the model carries the plan summary.
 5. Cleanup, save to a staging folder, verify (checker + ORT session), move into place.
@@ -113,6 +118,43 @@ class PlannedNode:
     tied_table: str | None  # the embedding initializer a tied head reads as Transpose(E)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitHead:
+    """A tied head quantized in two row tiers (:mod:`graphq.numerics.head_rows`): ``hot`` holds the columns
+    ``rows`` of ``W [K, V]`` (at the analysis' ``HOT_ROW_PRECISION``), ``cold`` the others, both in id order."""
+
+    rows: np.ndarray
+    hot: QuantizedWeight
+    cold: QuantizedWeight
+
+    @property
+    def config(self):
+        return self.cold.config
+
+    def dequantize(self) -> np.ndarray:
+        vocab = self.rows.size + self.cold.q.shape[1]
+        cold = np.setdiff1d(np.arange(vocab), self.rows)
+        out = np.empty((self.cold.q.shape[0], vocab), dtype=np.float32)
+        out[:, self.rows], out[:, cold] = self.hot.dequantize(), self.cold.dequantize()
+        return out
+
+    def bits_per_weight(self) -> float:
+        from graphq.numerics.head_rows import split_bits
+
+        k = self.cold.q.shape[0]
+        return split_bits(self.rows.size + self.cold.q.shape[1], self.rows.size,
+                          self.hot.config.bits_per_weight(min(self.hot.group_length, k)),
+                          self.cold.config.bits_per_weight(min(self.cold.group_length, k)))
+
+
+def split_head(weight: np.ndarray, rows: np.ndarray, hot_config, cold_config, quantize) -> SplitHead:
+    """``quantize(W[:, part], config)`` for the hot columns ``rows`` and for the others (columns are
+    independent in RTN and GPTQ alike, so this is the head quantized in two tiers)."""
+    cold = np.setdiff1d(np.arange(weight.shape[1]), rows)
+    return SplitHead(rows, quantize(np.ascontiguousarray(weight[:, rows]), hot_config),
+                     quantize(np.ascontiguousarray(weight[:, cold]), cold_config))
+
+
 def planned_nodes(model: ir.Model) -> list[PlannedNode]:
     """The MatMuls with a constant weight (or the transpose of one), in graph order."""
     from graphq.passes.embedding_quant import embedding_lookups
@@ -169,7 +211,8 @@ def resolve_plan(source: Path, nodes: list[PlannedNode], recipe: MixedRecipe, *,
 
 
 def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: MixedRecipe, *,
-          tokenizer_dir: Path | None, progress: bool) -> dict[str, QuantizedWeight]:
+          tokenizer_dir: Path | None, progress: bool, hot: Mapping[str, tuple[np.ndarray, object]] = {}
+          ) -> dict[str, QuantizedWeight | SplitHead]:
     """GPTQ of every node in ``configs`` at its own config, block by block (module docstring): block
     ``b``'s Hessians come from the graph whose earlier blocks hold their fake-quantized weights."""
     from graphq.blockwise import StagedCalibration, partition
@@ -178,11 +221,18 @@ def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: 
     from graphq.passes.qdq_insert import constant_weight
     from graphq.weight_only import HessianAccumulator, write_fake_quantized
 
-    def quantize(nodes: list[ir.Node], stats) -> dict[str, QuantizedWeight]:
-        return {node.name: gptq_columns(constant_weight(node), stats[node.inputs[0].name].hessian, configs[node.name],
-                                        damp=recipe.damp, act_order=recipe.act_order, clip_search=recipe.clip_search,
-                                        precision=recipe.precision)
-                for node in nodes}
+    def quantize(nodes: list[ir.Node], stats) -> dict[str, QuantizedWeight | SplitHead]:
+        done = {}
+        for node in nodes:
+            def one(weight, config, hessian=stats[node.inputs[0].name].hessian):
+                return gptq_columns(weight, hessian, config, damp=recipe.damp, act_order=recipe.act_order,
+                                    clip_search=recipe.clip_search, precision=recipe.precision)
+            if node.name in hot:
+                rows, hot_config = hot[node.name]
+                done[node.name] = split_head(constant_weight(node), rows, hot_config, configs[node.name], one)
+            else:
+                done[node.name] = one(constant_weight(node), configs[node.name])
+        return done
 
     windows = calibration_windows(load_tokenizer(source, tokenizer_dir), recipe.calibration)
     stages = partition(graph)
@@ -259,6 +309,25 @@ def node_metadata(precision: str, analysis_node=None, quantized: QuantizedWeight
     return meta
 
 
+def _hot_rows(nodes: list[PlannedNode], configs: Mapping[str, object], analysed: Mapping[str, object],
+              recipe: MixedRecipe) -> dict[str, tuple[np.ndarray, object]]:
+    """Tied heads to quantize in two row tiers: node name -> (hot rows, their config). Those the analysis
+    gave hot rows, planned below the hot precision, whose lookup is quantized too (MatMulNBits only)."""
+    from graphq.sensitivity import HOT_ROW_PRECISION
+
+    if recipe.embedding != "quantized" or recipe.emit.format != "matmulnbits":
+        return {}
+    found = {}
+    for node in nodes:
+        entry, config = analysed.get(node.name), configs.get(node.name)
+        if node.tied_table is None or config is None or entry is None or not entry.hot_rows:
+            continue
+        hot_config = precision_config(HOT_ROW_PRECISION, tied_dim=node.weight.shape[0])
+        if config.bits < hot_config.bits:
+            found[node.name] = (np.asarray(entry.hot_rows, dtype=np.int64), hot_config)
+    return found
+
+
 def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: MixedRecipe, *,
                    plan: PrecisionPlan | None = None, analysis=None, tokenizer_dir: Path | None = None,
                    overwrite: bool = False, progress: bool = True) -> MixedResult:
@@ -267,6 +336,7 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     from graphq.modelio import load_model, move_staged_into_place, save_model, staging_dir
     from graphq.passes.cleanup import CleanupPass
     from graphq.passes.embedding_quant import EmbeddingQuantConfig, EmbeddingQuantizationPass
+    from graphq.passes.tied_head_split import TiedHeadSplitPass
     from graphq.passes.weight_only_emit import WeightOnlyEmissionPass
     from graphq.quantize import resolve_quantize_paths, stage_side_files
     from graphq.verify import verify_model_file
@@ -282,20 +352,38 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
     configs = {node.name: precision_config(plan.assignments[node.name], tied_dim=node.weight.shape[0] if node.tied_table else None)
                for node in nodes}
     configs = {name: config for name, config in configs.items() if config is not None}
+    analysed = {node.name: node for node in analysis.nodes} if analysis is not None else {}
+    hot = _hot_rows(nodes, configs, analysed, recipe)
     if recipe.method == "gptq":
-        quantized = _gptq(graph, source, configs, recipe, tokenizer_dir=tokenizer_dir, progress=progress)
+        quantized = _gptq(graph, source, configs, recipe, tokenizer_dir=tokenizer_dir, progress=progress, hot=hot)
     else:
-        quantized = {node.name: quantize_rtn(node.weight, configs[node.name], pad=True) for node in nodes if node.name in configs}
+        def rtn(weight, config):
+            return quantize_rtn(weight, config, pad=True)
+        quantized = {node.name: split_head(node.weight, *hot[node.name], configs[node.name], rtn) if node.name in hot
+                     else rtn(node.weight, configs[node.name]) for node in nodes if node.name in configs}
+    split = {name: q for name, q in quantized.items() if isinstance(q, SplitHead)}
+    uniform = {name: q for name, q in quantized.items() if name not in split}
     # A quantized tied head's codes are E's: the lookup reads them (a float head keeps a float lookup).
-    shared = {node.tied_table: f"{node.name}_Q{quantized[node.name].config.bits}" for node in nodes
-              if node.tied_table is not None and node.name in quantized}
+    shared = {node.tied_table: f"{node.name}_Q{uniform[node.name].config.bits}" for node in nodes
+              if node.tied_table is not None and node.name in uniform}
     del nodes[:]
-    graph = WeightOnlyEmissionPass(quantized, recipe.emit)(graph).model
+    graph = WeightOnlyEmissionPass(uniform, recipe.emit)(graph).model
+    for name, head in split.items():
+        graph = TiedHeadSplitPass(name, head.rows, head.hot, head.cold, recipe.emit)(graph).model
     if recipe.embedding == "quantized" and recipe.emit.format == "matmulnbits":
         graph = EmbeddingQuantizationPass(EmbeddingQuantConfig(PRECISIONS["int4"]), shared=shared)(graph).model
     by_name = {node.name: node for node in graph.graph}
-    analysed = {node.name: node for node in analysis.nodes} if analysis is not None else {}
     for name, precision in plan.assignments.items():
+        if name in split:
+            head = split[name]
+            for tag, part in (("hot", head.hot), ("cold", head.cold)):
+                emitted = by_name.get(f"{name}_{tag}_rows_Q{part.config.bits}")
+                if emitted is not None:
+                    meta = node_metadata(precision, analysed.get(name), part)
+                    meta["graphq.bits_per_weight"] = f"{head.bits_per_weight():.4g}"
+                    meta["graphq.hot_rows"] = f"{head.rows.size} of {head.rows.size + head.cold.q.shape[1]} rows at int8"
+                    emitted.metadata_props.update(meta)
+            continue
         emitted = by_name.get(f"{name}_Q{quantized[name].config.bits}" if name in quantized else name)
         if emitted is not None:
             emitted.metadata_props.update(node_metadata(precision, analysed.get(name), quantized.get(name)))

@@ -261,6 +261,13 @@ class StageReplay:
         self.float_nll = np.concatenate(nll)
         self._session(self.logits_stage, "compare", env)  # every session exists now: release_model() is safe
 
+    def probability_sums(self) -> np.ndarray:
+        """The float model's next-token probabilities summed over every scored position (the last of
+        each window has no next token), float64 ``[V]``."""
+        if not self._ref_logp:
+            raise GraphqError("replay: run the float pass first")
+        return sum(np.exp(logp[:, :-1].astype(np.float64)).sum(axis=(0, 1)) for logp in self._ref_logp)
+
     # -- replays ----------------------------------------------------------------------------------
 
     def first_stage(self, weights: Iterable[str]) -> int:

@@ -51,6 +51,7 @@ import numpy as np
 import onnx
 
 from graphq.errors import GraphqError
+from graphq.numerics.head_rows import hot_rows, row_usage, split_bits
 from graphq.numerics.sensitivity import (
     DEFAULT_OUTLIER_RATIO,
     NOISE_SCOPES,
@@ -70,6 +71,7 @@ ANALYSIS_FORMAT_VERSION = 2  # 2: precisions store float16 scales (their bits ch
 ANALYSIS_KIND = "graphq-analysis"
 LOCAL_SAMPLE_TOKENS = 512
 REFERENCE_PRECISION = "int4"
+HOT_ROW_PRECISION = "int8"  # the precision of a tied head's hot rows (AnalysisConfig.head_hot_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,9 @@ class AnalysisConfig:
     lens_select: tuple[str, ...] = ()  # regular expressions: lens these nodes instead of a spread
     seed: int = 0
     text_path: Path | None = None  # None: the shipped wiki.valid.tokens
+    # A tied head: this fraction of its rows, those the calibration text uses most, stays at
+    # HOT_ROW_PRECISION whatever the head's precision (graphq.numerics.head_rows); 0: none.
+    head_hot_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("windows", "window_tokens", "batch", "threads"):
@@ -100,6 +105,8 @@ class AnalysisConfig:
             raise GraphqError(f"analysis precisions must include {REFERENCE_PRECISION} (every node is replayed at it)")
         if self.measured_others < -1 or self.lens_nodes < 0:
             raise GraphqError("analysis measured-others must be >= -1 and lens-nodes >= 0")
+        if not 0 <= self.head_hot_fraction < 1:
+            raise GraphqError(f"analysis head-hot-fraction must lie in [0, 1), got {self.head_hot_fraction}")
         if self.outlier_ratio <= 1:
             raise GraphqError(f"outlier ratio must exceed 1, got {self.outlier_ratio}")
         if self.lens_scope not in NOISE_SCOPES:
@@ -144,6 +151,7 @@ class NodeAnalysis:
     scales: dict  # precision -> {min, median, max} of |scale|
     damage: dict  # precision -> Damage
     lens: dict | None = None  # precision, error_rms, error_kurtosis, real, gaussian, uniform
+    hot_rows: tuple[int, ...] = ()  # a tied head: the rows kept at HOT_ROW_PRECISION (graphq.numerics.head_rows)
 
     @property
     def weights(self) -> int:
@@ -201,7 +209,8 @@ class Analysis:
         if data.get("format_version") != ANALYSIS_FORMAT_VERSION:
             raise GraphqError(f"analysis format_version {data.get('format_version')} is not supported "
                               f"(expected {ANALYSIS_FORMAT_VERSION}); run graphq analyze again")
-        nodes = tuple(NodeAnalysis(**{**n, "damage": {p: Damage(**d) for p, d in n["damage"].items()}}) for n in data["nodes"])
+        nodes = tuple(NodeAnalysis(**{**n, "damage": {p: Damage(**d) for p, d in n["damage"].items()},
+                                      "hot_rows": tuple(n.get("hot_rows", ()))}) for n in data["nodes"])
 
         def stats(items):
             return tuple(TensorStats(**{**t, "nodes": tuple(t["nodes"]), "outlier_channels": tuple(t["outlier_channels"]),
@@ -391,11 +400,29 @@ def _run_analysis(source: Path, digest: str, config: AnalysisConfig, *, tokenize
     results: dict[str, dict] = {}
     replays = 0
 
+    hot: dict[str, np.ndarray] = {}
+    if config.head_hot_fraction > 0:
+        probabilities = replay.probability_sums()
+        for node in nodes:
+            if node.transposed and node.n == probabilities.size:
+                usage = row_usage(probabilities, np.bincount(windows.reshape(-1), minlength=node.n)[: node.n])
+                hot[node.name] = hot_rows(usage, config.head_hot_fraction)
+
     def quantized(node, precision):
+        """``(config, W_hat, |scales|, bits per weight)``; a tied head's hot rows at HOT_ROW_PRECISION."""
         cfg = precision_config(precision, tied_dim=node.k if node.transposed else None)
         w = replay.weights[node.weight]
-        w_hat, scales = fake_quantize(w.T if node.transposed else w, cfg)
-        return cfg, w_hat, scales
+        w = w.T if node.transposed else w
+        rows = hot.get(node.name)
+        hot_cfg = precision_config(HOT_ROW_PRECISION, tied_dim=node.k)
+        if rows is None or not rows.size or cfg.bits >= hot_cfg.bits:
+            w_hat, scales = fake_quantize(w, cfg)
+            return cfg, w_hat, scales, bits_per_weight(cfg, node.k)
+        cold = np.setdiff1d(np.arange(node.n), rows)
+        w_hat = np.empty_like(w)
+        w_hat[:, rows], hot_scales = fake_quantize(w[:, rows], hot_cfg)
+        w_hat[:, cold], scales = fake_quantize(w[:, cold], cfg)
+        return cfg, w_hat, scales, split_bits(node.n, rows.size, bits_per_weight(hot_cfg, node.k), bits_per_weight(cfg, node.k))
 
     def measure(node, w_hat) -> tuple[float, float]:
         nonlocal replays
@@ -421,10 +448,10 @@ def _run_analysis(source: Path, digest: str, config: AnalysisConfig, *, tokenize
                  "scales": {}, "damage": {}, "local": {}}
         reference = output_energy(sample[node.activation], w)
         for precision in config.precisions:
-            cfg, w_hat, scales = quantized(node, precision)
+            cfg, w_hat, scales, bits = quantized(node, precision)
             entry["scales"][precision] = _summary(scales)
             entry["local"][precision] = local_error(node, w_hat, reference)
-            entry.setdefault("bits", {})[precision] = bits_per_weight(cfg, node.k)
+            entry.setdefault("bits", {})[precision] = bits
             if precision == REFERENCE_PRECISION:
                 entry["damage"][precision] = measure(node, w_hat)
         results[node.name] = entry
@@ -435,7 +462,7 @@ def _run_analysis(source: Path, digest: str, config: AnalysisConfig, *, tokenize
         node, entry = by_name[name], results[name]
         for precision in others:
             if name in replayed:
-                _, w_hat, _ = quantized(node, precision)
+                _, w_hat, _, _ = quantized(node, precision)
                 entry["damage"][precision] = measure(node, w_hat)
             else:
                 ref_kl, ref_nll = entry["damage"][REFERENCE_PRECISION]
@@ -452,7 +479,7 @@ def _run_analysis(source: Path, digest: str, config: AnalysisConfig, *, tokenize
     rng = np.random.default_rng(config.seed)
     for name in lensed:
         node, entry = by_name[name], results[name]
-        cfg, w_hat, _ = quantized(node, REFERENCE_PRECISION)
+        cfg, w_hat, _, _ = quantized(node, REFERENCE_PRECISION)
         w = replay.weights[node.weight]
         w = w.T if node.transposed else w
         error = w_hat - w
@@ -472,7 +499,8 @@ def _run_analysis(source: Path, digest: str, config: AnalysisConfig, *, tokenize
                             measured=p == REFERENCE_PRECISION or node.name in replayed, bits=entry["bits"][p])
                   for p in config.precisions}
         node_results.append(NodeAnalysis(node.name, _role(node.name), node.block, node.k, node.n, node.transposed,
-                                         node.activation, entry["weight"], entry["scales"], damage, entry.get("lens")))
+                                         node.activation, entry["weight"], entry["scales"], damage, entry.get("lens"),
+                                         tuple(int(r) for r in hot.get(node.name, ()))))
     activations = tuple(_tensor_stats(name, readers[name][0].block, [n.name for n in readers[name]], stats, config.outlier_ratio)
                         for name, stats in act_stats.items() if stats.count)
     residual = tuple(_tensor_stats(name, _residual_block(replay, index), (), stats, config.outlier_ratio)

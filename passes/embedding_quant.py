@@ -68,6 +68,26 @@ def embedding_lookups(model: ir.Model) -> list[ir.Node]:
     return found
 
 
+def shared_lookup_inputs(graph: ir.Graph, gather: ir.Node, head: ir.Node, rows: int, *, role_prefix: str = "",
+                         before: ir.Node | None = None) -> tuple[list[ir.Value], dict]:
+    """``GatherBlockQuantized`` inputs (codes, scales, zero points) and attributes that read the codes of
+    the ``MatMulNBits`` ``head`` (``N = rows``) as a ``[rows, ...]`` table: each of the head's inputs
+    reshaped to ``[rows, -1]``, inserted before ``before`` (default ``gather``)."""
+    stem = gather.name.strip("/").replace("/", "_")
+    reshaped = []
+    for index, role in ((1, "qweight"), (2, "scales"), (3, "zero_points")):
+        if index >= len(head.inputs) or head.inputs[index] is None:
+            continue
+        shape = new_initializer(graph, f"{stem}.{role_prefix}{role}_shape", np.array([rows, -1], dtype=np.int64))
+        reshape = ir.node("Reshape", [head.inputs[index], shape], name=f"{stem}/{role_prefix}{role}_Reshape")
+        reshape.outputs[0].name = f"{stem}.{role_prefix}{role}_rows"
+        graph.insert_before(before or gather, reshape)
+        reshaped.append(reshape.outputs[0])
+    attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": head.attributes.get_int("block_size"),
+                  "bits": head.attributes.get_int("bits")}
+    return reshaped, attributes
+
+
 class EmbeddingQuantizationPass(ir.passes.InPlacePass):
     """Rewrite embedding lookups as ``GatherBlockQuantized``.
 
@@ -89,7 +109,7 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
             vocab, dim = data.const_value.shape
             head = nodes.get(self.shared.get(data.name, ""))
             if head is not None and head.op_type == "MatMulNBits" and dim % head.attributes.get_int("block_size") == 0:
-                inputs, attributes = self._shared_inputs(graph, gather, head, vocab)
+                inputs, attributes = shared_lookup_inputs(graph, gather, head, vocab)
                 how = "shared"
             elif any(use.node.op_type != "Gather" for use in data.uses()):
                 logger.info("embedding: %s is also read by %s (e.g. a float LM head); lookup left float",
@@ -118,21 +138,6 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
         logger.info("embedding: %d lookups quantized (%s)", len(self.rewritten),
                     ", ".join(f"{k}: {how}" for k, how in self.rewritten.items()) or "none")
         return ir.passes.PassResult(model, modified=bool(self.rewritten))
-
-    def _shared_inputs(self, graph: ir.Graph, gather: ir.Node, head: ir.Node, vocab: int) -> tuple[list[ir.Value], dict]:
-        stem = gather.name.strip("/").replace("/", "_")
-        reshaped = []
-        for index, role in ((1, "qweight"), (2, "scales"), (3, "zero_points")):
-            if index >= len(head.inputs) or head.inputs[index] is None:
-                continue
-            shape = new_initializer(graph, f"{stem}.{role}_shape", np.array([vocab, -1], dtype=np.int64))
-            reshape = ir.node("Reshape", [head.inputs[index], shape], name=f"{stem}/{role}_Reshape")
-            reshape.outputs[0].name = f"{stem}.{role}_rows"
-            graph.insert_before(gather, reshape)
-            reshaped.append(reshape.outputs[0])
-        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": head.attributes.get_int("block_size"),
-                      "bits": head.attributes.get_int("bits")}
-        return reshaped, attributes
 
     def _own_inputs(self, graph: ir.Graph, gather: ir.Node, table: np.ndarray, vocab: int, dim: int
                     ) -> tuple[list[ir.Value], dict] | None:

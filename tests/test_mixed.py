@@ -197,3 +197,34 @@ def test_int4_g32_asym_nodes_and_a_shared_head_carry_zero_points(precision, tiny
     config = EvalConfig(windows=2, window_tokens=128, measure_speed=False)
     ppl = evaluate_model(out, config, progress=False).perplexity
     assert ppl == pytest.approx(evaluate_model(tiny_llama_onnx, config, progress=False).perplexity, rel=0.03)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_int4_head_keeps_its_hot_rows_at_int8(method, analysis_file, tiny_llama_onnx, tmp_path):
+    """The analysis gave the tied head hot rows: an int4 head is emitted in two tiers (hot rows int8, the rest
+    int4), the lookup reads both, the bits in the metadata are the split's, and the model stays close to float.
+    An int8 head is one tier."""
+    model = ir.load(tiny_llama_onnx)
+    names = [n.name for n in model.graph if n.op_type == "MatMul" and (n.name.endswith("proj/MatMul") or n.name == "/lm_head/MatMul")]
+    analysis = json.loads(analysis_file.read_text())
+    head = next(n for n in analysis["nodes"] if n["name"] == "/lm_head/MatMul")
+    assert len(head["hot_rows"]) == int(np.ceil(0.05 * head["n"]))
+    out = tmp_path / "h" / "model.onnx"
+    recipe = MixedRecipe(analysis=SMALL, calibration=CALIBRATION, method=method)
+    quantize_mixed(tiny_llama_onnx, out, recipe, plan=PrecisionPlan({name: "int4" for name in names}, 0, 0.0, 0.0),
+                   analysis=analysis_file, progress=False)
+    metadata, saved = _metadata(out)
+    ops = {n.name: n.op_type for n in saved.graph.node}
+    assert ops["/lm_head/MatMul_hot_rows_Q8"] == ops["/lm_head/MatMul_cold_rows_Q4"] == "MatMulNBits"
+    assert [op for name, op in ops.items() if name.startswith("/model/embed_tokens/Gather_")] == ["GatherBlockQuantized"] * 2
+    meta = metadata["/lm_head/MatMul_cold_rows_Q4"]
+    assert meta["graphq.hot_rows"] == f"{len(head['hot_rows'])} of {head['n']} rows at int8"
+    assert float(meta["graphq.bits_per_weight"]) == pytest.approx(head["damage"]["int4"]["bits"], rel=1e-3)
+    ppl = evaluate_model(out, EvalConfig(windows=2, window_tokens=128, measure_speed=False), progress=False).perplexity
+    float_ppl = evaluate_model(tiny_llama_onnx, EvalConfig(windows=2, window_tokens=128, measure_speed=False), progress=False).perplexity
+    assert ppl == pytest.approx(float_ppl, rel=0.05)
+
+    int8_head = tmp_path / "h8" / "model.onnx"
+    quantize_mixed(tiny_llama_onnx, int8_head, recipe, analysis=analysis_file, progress=False,
+                   plan=PrecisionPlan({**{name: "int4" for name in names}, "/lm_head/MatMul": "int8"}, 0, 0.0, 0.0))
+    assert "/lm_head/MatMul_Q8" in {n.name for n in onnx.load(str(int8_head)).graph.node}
