@@ -189,11 +189,12 @@ def resolve_plan(source: Path, nodes: list[PlannedNode], recipe: MixedRecipe, *,
             analysis = load_analysis(analysis)
         if analysis is not None and analysis.model_sha256 == digest:
             items = items_from_analysis(analysis, tuple(dict.fromkeys([*recipe.precisions, *assignments.values()])))
-            return evaluate_plan(items, assignments, model_sha256=digest), analysis
+            hot = dict(plan.hot_rows) or _analysis_hot_rows(analysis)
+            return evaluate_plan(items, assignments, model_sha256=digest, hot_rows=hot), analysis
         items = [PlanItem(node.name, int(node.weight.size), {
             p: (bits_per_weight(precision_config(p, tied_dim=node.weight.shape[0] if node.tied_table else None),
                                 node.weight.shape[0]), math.nan) for p in set(assignments.values())}) for node in nodes]
-        return evaluate_plan(items, assignments, model_sha256=digest), None
+        return evaluate_plan(items, assignments, model_sha256=digest, hot_rows=dict(plan.hot_rows)), None
     if analysis is None:
         analysis = analyze_model(source, recipe.analysis, tokenizer_dir=tokenizer_dir, progress=progress)
     elif isinstance(analysis, (str, os.PathLike)):
@@ -207,7 +208,12 @@ def resolve_plan(source: Path, nodes: list[PlannedNode], recipe: MixedRecipe, *,
         raise GraphqError(f"the analysis lists {len(analysed)} nodes but {source} has {len(names)} quantizable MatMuls; "
                           "analyse this model again")
     items = items_from_analysis(analysis, recipe.precisions)
-    return plan_precisions(items, budget_bits=recipe.budget_bits, target_ratio=recipe.target_ratio, model_sha256=digest), analysis
+    return plan_precisions(items, budget_bits=recipe.budget_bits, target_ratio=recipe.target_ratio, model_sha256=digest,
+                           hot_rows=_analysis_hot_rows(analysis)), analysis
+
+
+def _analysis_hot_rows(analysis) -> dict[str, tuple[int, ...]]:
+    return {node.name: tuple(node.hot_rows) for node in analysis.nodes if node.hot_rows}
 
 
 def _gptq(graph: ir.Model, source: Path, configs: Mapping[str, object], recipe: MixedRecipe, *,
@@ -309,22 +315,24 @@ def node_metadata(precision: str, analysis_node=None, quantized: QuantizedWeight
     return meta
 
 
-def _hot_rows(nodes: list[PlannedNode], configs: Mapping[str, object], analysed: Mapping[str, object],
+def _hot_rows(nodes: list[PlannedNode], configs: Mapping[str, object], plan: PrecisionPlan,
               recipe: MixedRecipe) -> dict[str, tuple[np.ndarray, object]]:
-    """Tied heads to quantize in two row tiers: node name -> (hot rows, their config). Those the analysis
-    gave hot rows, planned below the hot precision, whose lookup is quantized too (MatMulNBits only)."""
+    """Tied heads to quantize in two row tiers: node name -> (hot rows, their config). Those the plan
+    gives hot rows, planned below the hot precision, whose lookup is quantized too (MatMulNBits only)."""
     from graphq.sensitivity import HOT_ROW_PRECISION
 
     if recipe.embedding != "quantized" or recipe.emit.format != "matmulnbits":
         return {}
     found = {}
     for node in nodes:
-        entry, config = analysed.get(node.name), configs.get(node.name)
-        if node.tied_table is None or config is None or entry is None or not entry.hot_rows:
+        rows, config = plan.hot_rows.get(node.name, ()), configs.get(node.name)
+        if node.tied_table is None or config is None or not rows:
             continue
+        if max(rows) >= node.weight.shape[1]:
+            raise GraphqError(f"the plan's hot rows of {node.name} go up to {max(rows)}, but it has {node.weight.shape[1]} rows")
         hot_config = precision_config(HOT_ROW_PRECISION, tied_dim=node.weight.shape[0])
         if config.bits < hot_config.bits:
-            found[node.name] = (np.asarray(entry.hot_rows, dtype=np.int64), hot_config)
+            found[node.name] = (np.asarray(rows, dtype=np.int64), hot_config)
     return found
 
 
@@ -353,7 +361,7 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
                for node in nodes}
     configs = {name: config for name, config in configs.items() if config is not None}
     analysed = {node.name: node for node in analysis.nodes} if analysis is not None else {}
-    hot = _hot_rows(nodes, configs, analysed, recipe)
+    hot = _hot_rows(nodes, configs, plan, recipe)
     if recipe.method == "gptq":
         quantized = _gptq(graph, source, configs, recipe, tokenizer_dir=tokenizer_dir, progress=progress, hot=hot)
     else:
@@ -389,7 +397,8 @@ def quantize_mixed(model: str | os.PathLike, output: str | os.PathLike, recipe: 
             emitted.metadata_props.update(node_metadata(precision, analysed.get(name), quantized.get(name)))
     graph = CleanupPass()(graph).model
     graph.metadata_props["graphq.recipe"] = json.dumps(recipe_to_dict(recipe), default=str)
-    summary = {k: v for k, v in plan.to_json().items() if k != "plan"}
+    summary = {k: v for k, v in plan.to_json().items() if k not in ("plan", "hot_rows")}
+    summary["hot_rows"] = {name: len(rows) for name, rows in plan.hot_rows.items() if name in split}
     graph.metadata_props["graphq.plan"] = json.dumps(summary)
     with staging_dir(output) as staging:
         staged = staging / output.name

@@ -60,6 +60,9 @@ class PrecisionPlan:
     budget_bits: float | None = None
     target_ratio: float | None = None
     model_sha256: str | None = None
+    # A tied head quantized in two row tiers: node name -> its hot rows (graphq.numerics.head_rows), from the
+    # analysis the plan came from; applied when the head's precision is below theirs.
+    hot_rows: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def average_bits(self) -> float:
@@ -80,7 +83,8 @@ class PrecisionPlan:
                 "budget_bits": self.budget_bits, "target_ratio": self.target_ratio,
                 "average_bits": self.average_bits, "weights": self.weights, "total_bits": self.total_bits,
                 "predicted_kl": self.predicted_kl if math.isfinite(self.predicted_kl) else None,  # None: no analysis
-                "counts": self.counts(), "plan": dict(self.assignments)}
+                "counts": self.counts(), "plan": dict(self.assignments),
+                **({"hot_rows": {name: list(rows) for name, rows in self.hot_rows.items()}} if self.hot_rows else {})}
 
 
 def items_from_analysis(analysis, precisions: Sequence[str] = DEFAULT_PRECISIONS) -> list[PlanItem]:
@@ -169,7 +173,8 @@ def evaluate_plan(items: Sequence[PlanItem], assignments: Mapping[str, str], **f
 
 
 def plan_precisions(items: Sequence[PlanItem], *, budget_bits: float | None = None, target_ratio: float | None = None,
-                    resolution: int = DEFAULT_RESOLUTION, model_sha256: str | None = None) -> PrecisionPlan:
+                    resolution: int = DEFAULT_RESOLUTION, model_sha256: str | None = None,
+                    hot_rows: Mapping[str, tuple[int, ...]] | None = None) -> PrecisionPlan:
     """The least-damage plan within ``budget_bits`` per weight, or the smallest plan whose predicted
     perplexity ratio is at most ``target_ratio`` (module docstring)."""
     if (budget_bits is None) == (target_ratio is None):
@@ -177,7 +182,8 @@ def plan_precisions(items: Sequence[PlanItem], *, budget_bits: float | None = No
     if not items:
         raise GraphqError("nothing to plan: no quantizable nodes")
     weights, low, high = _bounds(items)
-    fields = {"budget_bits": budget_bits, "target_ratio": target_ratio, "model_sha256": model_sha256}
+    fields = {"budget_bits": budget_bits, "target_ratio": target_ratio, "model_sha256": model_sha256,
+              "hot_rows": dict(hot_rows or {})}
     if budget_bits is not None:
         if not math.isfinite(budget_bits) or budget_bits * weights < low - 1e-6 * weights:
             cheapest = "; ".join(sorted({min(i.options, key=lambda p: i.options[p][0]) for i in items}))
@@ -248,8 +254,12 @@ def load_plan(path: str | os.PathLike) -> PrecisionPlan:
             raise GraphqError(f"{path}: plan format_version {data.get('format_version')} is not supported")
         assignments = data.get("plan")
         sha = data.get("model_sha256")
+        hot = data.get("hot_rows", {})
     else:
-        assignments, sha = data, None
+        assignments, sha, hot = data, None, {}
     if not isinstance(assignments, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in assignments.items()):
         raise GraphqError(f"{path}: the plan must map node names to precisions (strings)")
-    return PrecisionPlan(assignments, 0, 0.0, 0.0, model_sha256=sha)
+    if not isinstance(hot, dict) or not all(isinstance(rows, list) and all(isinstance(r, int) and r >= 0 for r in rows)
+                                            for rows in hot.values()):
+        raise GraphqError(f"{path}: hot_rows must map node names to lists of row ids")
+    return PrecisionPlan(assignments, 0, 0.0, 0.0, model_sha256=sha, hot_rows={k: tuple(v) for k, v in hot.items()})

@@ -376,7 +376,8 @@ def write_report(model: str | os.PathLike, output: str | os.PathLike, config: Re
     elif recorded is not None:
         chosen = evaluate_plan(items, check_plan(recorded, names, source=f"the plan recorded in {source}"))
     else:
-        chosen = plan_precisions(items, budget_bits=config.budget_bits, model_sha256=analysis.model_sha256)
+        chosen = plan_precisions(items, budget_bits=config.budget_bits, model_sha256=analysis.model_sha256,
+                                 hot_rows={n.name: n.hot_rows for n in analysis.nodes if n.hot_rows})
     measured_points = []
     if measured is not None:
         try:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
@@ -78,6 +79,16 @@ def test_recipe_files_round_trip(tmp_path):
         load_recipe(str(bad))
     with pytest.raises(GraphqError, match="unknown recipe"):
         load_recipe("w3a3")
+
+
+def test_partial_recipe_mappings_keep_the_field_defaults():
+    """A recipe file's nested mapping overrides only what it names: ``weights: {bits: 8}`` keeps the weight-only
+    recipe's group, symmetry and float16 scales (not the bare WeightQuantConfig defaults)."""
+    recipe = recipe_from_dict({"kind": "weight-only", "name": "w8", "weights": {"bits": 8}})
+    assert recipe.weights == dataclasses.replace(RECIPES["w4-rtn"].weights, bits=8)
+    assert recipe.weights.scale_dtype == "float16"
+    control = load_recipe(str(Path(__file__).parents[1] / "tools" / "recipes" / "w4-rtn-f32.yaml"))
+    assert control.weights == dataclasses.replace(RECIPES["w4-rtn"].weights, scale_dtype="float32")
 
 
 def test_cli_quantize_writes_model_report_and_recipe(tiny_llama_onnx, tmp_path, capsys):
