@@ -175,9 +175,9 @@ def planned_nodes(model: ir.Model) -> list[PlannedNode]:
 def resolve_plan(source: Path, nodes: list[PlannedNode], recipe: MixedRecipe, *, plan: PrecisionPlan | None,
                  analysis=None, tokenizer_dir: Path | None = None, progress: bool = True) -> tuple[PrecisionPlan, object]:
     """The plan to apply (checked against the model's nodes) and the analysis it came from (if any)."""
-    from graphq.numerics.sensitivity import bits_per_weight
+    from graphq.numerics.head_rows import tiered_bits
     from graphq.planner import PlanItem, check_plan, evaluate_plan, items_from_analysis, plan_precisions
-    from graphq.sensitivity import analyze_model, load_analysis, model_digest
+    from graphq.sensitivity import HOT_ROW_PRECISION, analyze_model, load_analysis, model_digest
 
     names = [node.name for node in nodes]
     digest = model_digest(source)
@@ -191,9 +191,15 @@ def resolve_plan(source: Path, nodes: list[PlannedNode], recipe: MixedRecipe, *,
             items = items_from_analysis(analysis, tuple(dict.fromkeys([*recipe.precisions, *assignments.values()])))
             hot = dict(plan.hot_rows) or _analysis_hot_rows(analysis)
             return evaluate_plan(items, assignments, model_sha256=digest, hot_rows=hot), analysis
-        items = [PlanItem(node.name, int(node.weight.size), {
-            p: (bits_per_weight(precision_config(p, tied_dim=node.weight.shape[0] if node.tied_table else None),
-                                node.weight.shape[0]), math.nan) for p in set(assignments.values())}) for node in nodes]
+        hot_config = precision_config(HOT_ROW_PRECISION, tied_dim=nodes[0].weight.shape[0])
+
+        def bits(node, precision):
+            config = precision_config(precision, tied_dim=node.weight.shape[0] if node.tied_table else None)
+            n_hot = len(plan.hot_rows.get(node.name, ())) if node.tied_table else 0
+            return tiered_bits(config, hot_config, node.weight.shape[0], node.weight.shape[1], n_hot)
+
+        items = [PlanItem(node.name, int(node.weight.size), {p: (bits(node, p), math.nan) for p in set(assignments.values())})
+                 for node in nodes]
         return evaluate_plan(items, assignments, model_sha256=digest, hot_rows=dict(plan.hot_rows)), None
     if analysis is None:
         analysis = analyze_model(source, recipe.analysis, tokenizer_dir=tokenizer_dir, progress=progress)
@@ -319,6 +325,7 @@ def _hot_rows(nodes: list[PlannedNode], configs: Mapping[str, object], plan: Pre
               recipe: MixedRecipe) -> dict[str, tuple[np.ndarray, object]]:
     """Tied heads to quantize in two row tiers: node name -> (hot rows, their config). Those the plan
     gives hot rows, planned below the hot precision, whose lookup is quantized too (MatMulNBits only)."""
+    from graphq.numerics.head_rows import is_tiered
     from graphq.sensitivity import HOT_ROW_PRECISION
 
     if recipe.embedding != "quantized" or recipe.emit.format != "matmulnbits":
@@ -331,7 +338,7 @@ def _hot_rows(nodes: list[PlannedNode], configs: Mapping[str, object], plan: Pre
         if max(rows) >= node.weight.shape[1]:
             raise GraphqError(f"the plan's hot rows of {node.name} go up to {max(rows)}, but it has {node.weight.shape[1]} rows")
         hot_config = precision_config(HOT_ROW_PRECISION, tied_dim=node.weight.shape[0])
-        if config.bits < hot_config.bits:
+        if is_tiered(config, hot_config, len(rows)):
             found[node.name] = (np.asarray(rows, dtype=np.int64), hot_config)
     return found
 

@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 
 from graphq.errors import GraphqError
-from graphq.numerics.head_rows import hot_rows, row_usage, split_bits
+from graphq.numerics.head_rows import hot_rows, is_tiered, row_usage, tiered_bits
 from graphq.numerics.sensitivity import (
     DEFAULT_OUTLIER_RATIO,
     NOISE_SCOPES,
@@ -413,16 +413,16 @@ def _run_analysis(source: Path, digest: str, config: AnalysisConfig, *, tokenize
         cfg = precision_config(precision, tied_dim=node.k if node.transposed else None)
         w = replay.weights[node.weight]
         w = w.T if node.transposed else w
-        rows = hot.get(node.name)
+        rows = hot.get(node.name, np.empty(0, dtype=np.int64))
         hot_cfg = precision_config(HOT_ROW_PRECISION, tied_dim=node.k)
-        if rows is None or not rows.size or cfg.bits >= hot_cfg.bits:
-            w_hat, scales = fake_quantize(w, cfg)
-            return cfg, w_hat, scales, bits_per_weight(cfg, node.k)
+        bits = tiered_bits(cfg, hot_cfg, node.k, node.n, rows.size)
+        if not is_tiered(cfg, hot_cfg, rows.size):
+            return (cfg, *fake_quantize(w, cfg), bits)
         cold = np.setdiff1d(np.arange(node.n), rows)
         w_hat = np.empty_like(w)
-        w_hat[:, rows], hot_scales = fake_quantize(w[:, rows], hot_cfg)
+        w_hat[:, rows] = fake_quantize(w[:, rows], hot_cfg)[0]
         w_hat[:, cold], scales = fake_quantize(w[:, cold], cfg)
-        return cfg, w_hat, scales, split_bits(node.n, rows.size, bits_per_weight(hot_cfg, node.k), bits_per_weight(cfg, node.k))
+        return cfg, w_hat, scales, bits
 
     def measure(node, w_hat) -> tuple[float, float]:
         nonlocal replays

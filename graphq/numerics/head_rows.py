@@ -76,3 +76,20 @@ def split_bits(vocab: int, n_hot: int, hot_bits: float, cold_bits: float) -> flo
     if not 0 <= n_hot <= vocab or vocab <= 0:
         raise ValueError(f"need 0 <= n_hot <= vocab and vocab > 0, got {n_hot}, {vocab}")
     return (n_hot * hot_bits + (vocab - n_hot) * cold_bits) / vocab
+
+
+def is_tiered(config, hot_config, n_hot: int) -> bool:
+    """Whether a head at ``config`` with ``n_hot`` hot rows at ``hot_config`` is split at all: only below
+    the hot rows' own bits (an int8 or float head is one tier)."""
+    return n_hot > 0 and config is not None and config.bits < hot_config.bits
+
+
+def tiered_bits(config, hot_config, k: int, vocab: int, n_hot: int) -> float:
+    """Bits per weight of a ``[K, V]`` head at ``config`` whose ``n_hot`` hot rows are at ``hot_config``
+    (:func:`split_bits`; the plain count when it is not split, float 32)."""
+    from graphq.numerics.sensitivity import bits_per_weight
+
+    if not is_tiered(config, hot_config, n_hot):
+        return bits_per_weight(config, k)
+    return split_bits(vocab, n_hot, bits_per_weight(hot_config, k), bits_per_weight(config, k))
+
