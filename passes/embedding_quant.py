@@ -81,6 +81,7 @@ def shared_lookup_inputs(graph: ir.Graph, gather: ir.Node, head: ir.Node, rows: 
         shape = new_initializer(graph, f"{stem}.{role_prefix}{role}_shape", np.array([rows, -1], dtype=np.int64))
         reshape = ir.node("Reshape", [head.inputs[index], shape], name=f"{stem}/{role_prefix}{role}_Reshape")
         reshape.outputs[0].name = f"{stem}.{role_prefix}{role}_rows"
+        reshape.outputs[0].dtype = head.inputs[index].dtype
         graph.insert_before(before or gather, reshape)
         reshaped.append(reshape.outputs[0])
     attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": head.attributes.get_int("block_size"),

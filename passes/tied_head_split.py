@@ -68,18 +68,19 @@ class TiedHeadSplitPass(ir.passes.InPlacePass):
 
         # Two float MatMuls on the row subsets, which the uniform emitter then rewrites as MatMulNBits.
         x, output, weight = node.inputs[0], node.outputs[0], table.const_value.numpy().T
+        float_type = table.const_value.dtype  # value types may be missing (no value_info): the table's
         parts = []
         for tag, rows in (("hot", self.rows), ("cold", cold_rows)):
             columns = new_initializer(graph, f"{stem}.{tag}_rows_float", np.ascontiguousarray(weight[:, rows]))
             matmul = ir.node("MatMul", [x, columns], name=f"{node.name}_{tag}_rows")
-            matmul.outputs[0].dtype = output.dtype
+            matmul.outputs[0].dtype = float_type
             if x.shape is not None:
                 matmul.outputs[0].shape = ir.Shape([*list(x.shape)[:-1], int(rows.size)])
             parts.append(matmul)
         concat = ir.node("Concat", [p.outputs[0] for p in parts], attributes={"axis": -1}, name=f"{node.name}_rows_Concat")
         ordered = ir.node("Gather", [concat.outputs[0], positions], attributes={"axis": -1}, name=f"{node.name}_rows_Gather")
         graph.insert_before(node, [*parts, concat, ordered])
-        concat.outputs[0].dtype = ordered.outputs[0].dtype = output.dtype
+        concat.outputs[0].dtype = ordered.outputs[0].dtype = float_type
         ordered.outputs[0].shape = output.shape
         output.replace_all_uses_with(ordered.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
@@ -91,7 +92,7 @@ class TiedHeadSplitPass(ir.passes.InPlacePass):
         cold_head = emitted[f"{parts[1].name}_Q{self.cold.config.bits}"]
 
         for gather in lookups:
-            self._split_lookup(graph, gather, positions, hot_head, cold_head, self.rows.size, cold_rows.size)
+            self._split_lookup(graph, gather, positions, hot_head, cold_head, self.rows.size, cold_rows.size, float_type)
         drop_unused_weight(graph, transpose.outputs[0])
         if not table.uses() and not table.is_graph_output() and table.name in graph.initializers:
             graph.initializers.pop(table.name)
@@ -101,7 +102,7 @@ class TiedHeadSplitPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _split_lookup(self, graph: ir.Graph, gather: ir.Node, positions: ir.Value, hot_head: ir.Node, cold_head: ir.Node,
-                      n_hot: int, n_cold: int) -> None:
+                      n_hot: int, n_cold: int, float_type: ir.DataType) -> None:
         stem = gather.name.strip("/").replace("/", "_")
         ids, output = gather.inputs[1], gather.outputs[0]
         scalar = {name: new_initializer(graph, f"{stem}.{name}", np.array(value, dtype=np.int64))
@@ -113,6 +114,9 @@ class TiedHeadSplitPass(ir.passes.InPlacePass):
         shifted = ir.node("Sub", [place.outputs[0], scalar["hot_rows"]], name=f"{stem}/cold_shift")
         cold_index = ir.node("Max", [shifted.outputs[0], scalar["first_row"]], name=f"{stem}/cold_index")
         nodes = [place, is_hot, hot_index, shifted, cold_index]
+        for index_node in nodes:
+            index_node.outputs[0].dtype = ir.DataType.BOOL if index_node is is_hot else ir.DataType.INT64
+            index_node.outputs[0].shape = ids.shape
         graph.insert_before(gather, nodes)
         rows = []
         for tag, head, index, count in (("hot", hot_head, hot_index, n_hot), ("cold", cold_head, cold_index, n_cold)):
@@ -120,12 +124,13 @@ class TiedHeadSplitPass(ir.passes.InPlacePass):
             lookup = ir.node("GatherBlockQuantized", [inputs[0], index.outputs[0], *inputs[1:]], attributes=attributes,
                              domain="com.microsoft", name=f"{gather.name}_{tag}_Q{attributes['bits']}")
             graph.insert_before(gather, lookup)
-            lookup.outputs[0].dtype = output.dtype
+            lookup.outputs[0].dtype = float_type
             rows.append(lookup.outputs[0])
         condition = ir.node("Unsqueeze", [is_hot.outputs[0], last_axis], name=f"{stem}/is_hot_Unsqueeze")
+        condition.outputs[0].dtype = ir.DataType.BOOL
         chosen = ir.node("Where", [condition.outputs[0], *rows], name=f"{stem}/rows_Where")
         graph.insert_before(gather, [condition, chosen])
-        chosen.outputs[0].dtype, chosen.outputs[0].shape = output.dtype, output.shape
+        chosen.outputs[0].dtype, chosen.outputs[0].shape = float_type, output.shape
         output.replace_all_uses_with(chosen.outputs[0], replace_graph_outputs=True)
         graph.remove(gather, safe=True)
         name = output.name

@@ -41,6 +41,7 @@ def test_hot_rows_int8_cold_rows_int4_in_vocabulary_order(scale_dtype, tmp_path)
     assert ops.count("MatMulNBits") == 2 and ops.count("GatherBlockQuantized") == 2 and ops.count("Where") == 1
     assert "MatMul" not in ops and "Transpose" not in ops and "embed" not in model.graph.initializers
     assert split.lookups == ["/model/embed_tokens/Gather"]
+    assert all(v.dtype is not None for n in model.graph for v in n.outputs)  # exports without value_info serialize too
     codes = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8]
     assert sorted(v.const_value.shape[0] for v in codes if len(v.const_value.shape) == 3) == [len(HOT), VOCAB - len(HOT)]
     onnx.checker.check_model(ir.serde.serialize_model(model))
