@@ -32,7 +32,8 @@ Protocol (every number in the table comes from this one run):
   once per distinct MatMul input per window, so it is slow (about 120 x windows forward passes).
   A peer this onnxruntime cannot run (a quantizer or config class it lacks, a missing optional
   package) becomes a row with status ``skipped: <why>``, never a silent omission.
-  ``graphq:RECIPE``: ``graphq quantize MODEL.onnx -o OUT/model.onnx --recipe RECIPE``.
+  ``graphq:RECIPE``: ``graphq quantize MODEL.onnx -o OUT/model.onnx --recipe RECIPE`` (a name, or a recipe
+  file such as ``tools/recipes/w4-rtn-f32.yaml``, whose folder is ``graphq-<file stem>``).
   ORT methods run in a child process of this tool and graphq methods through the graphq CLI, so a
   crash or an out-of-memory kill only fails that method's row (status column).
 - Perplexity: graphq.evaluate, WikiText-2 ``wiki.test.raw``, first ``--windows`` non-overlapping
@@ -145,8 +146,10 @@ def parse_methods(text: str) -> tuple[str, ...]:
         if method in ("float", *ORT_METHODS):
             continue
         if method.startswith("graphq:"):
-            if not RECIPE_NAME.match(method.removeprefix("graphq:")):
-                raise UsageError(f"bad graphq recipe name in '{method}' (letters, digits, '.', '_', '-')")
+            recipe = method.removeprefix("graphq:")
+            is_file = recipe.endswith((".yaml", ".yml", ".json")) and Path(recipe).is_file()
+            if not (is_file or RECIPE_NAME.match(recipe)):
+                raise UsageError(f"bad graphq recipe in '{method}': a name (letters, digits, '.', '_', '-') or a recipe file")
             continue
         raise UsageError(f"unknown method '{method}' ({', '.join(('float', *ORT_METHODS))} or graphq:RECIPE)")
     if len(set(methods)) != len(methods):
