@@ -419,7 +419,7 @@ def _quantize_mixed(model: Path, output: Path, recipe, *, budget_bits: float | N
 @click.option("--outlier-ratio", type=float, default=None, help="Outlier channel: abs-max above this x the median (default 6).")
 @click.option("--head-hot-fraction", type=float, default=None,
               help="Tied LM head: fraction of its rows (those the calibration text uses most) kept at int8 at every lower "
-                   "precision (default 0.05; 0: none).")
+                   "precision (default 0: none; e.g. 0.05).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text file.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default 2).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="Tokenizer folder (default: the model's).")

@@ -19,7 +19,8 @@ from graphq.numerics.sensitivity import precision_config
 from graphq.planner import PrecisionPlan
 from graphq.sensitivity import AnalysisConfig, analyze_model
 
-SMALL = AnalysisConfig(windows=3, window_tokens=32, batch=3, threads=1, measured_others=4, lens_nodes=2)
+SMALL = AnalysisConfig(windows=3, window_tokens=32, batch=3, threads=1, measured_others=4, lens_nodes=2,
+                       head_hot_fraction=0.05)  # row tiers are off by default; tested here
 CALIBRATION = CalibrationConfig(windows=2, window_tokens=64)
 RECIPE = MixedRecipe(analysis=SMALL, calibration=CALIBRATION)
 

@@ -13,7 +13,8 @@ from graphq.errors import GraphqError
 from graphq.sensitivity import AnalysisConfig, analyze_model, load_analysis
 from graphq.numerics.head_rows import split_bits
 
-SMALL = AnalysisConfig(windows=3, window_tokens=32, batch=3, threads=1, measured_others=4, lens_nodes=2)
+SMALL = AnalysisConfig(windows=3, window_tokens=32, batch=3, threads=1, measured_others=4, lens_nodes=2,
+                       head_hot_fraction=0.05)  # row tiers are off by default; tested here
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_bad_configs_and_files_are_refused(tmp_path):
 def test_cli_analyze(analysed, tiny_llama_onnx, tmp_path, capsys):
     out = tmp_path / "cli.json"
     args = ["analyze", str(tiny_llama_onnx), "-o", str(out), "--windows", "3", "--window-tokens", "32", "--threads", "1",
-            "--measured-others", "4", "--lens", "2"]
+            "--measured-others", "4", "--lens", "2", "--head-hot-fraction", "0.05"]
     assert main(args) == 0  # the same config as the fixture: from the cache
     printed = capsys.readouterr().out
     assert "analysed 15 MatMuls" in printed and "most sensitive at int4" in printed
