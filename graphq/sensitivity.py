@@ -25,6 +25,12 @@ good the estimate is. ``measured_others = -1`` replays every node at every preci
 per tensor or per group: :func:`~graphq.numerics.sensitivity.matched_noise`) replaces the real
 error, and its damage is reported next to the quantizer's.
 
+**Head row tiers** (``head_hot_fraction`` ``f > 0``): a tied head's ``ceil(f V)`` most used rows
+(:mod:`graphq.numerics.head_rows`: the float model's mean next-token probability over the calibration
+positions plus the input frequency) are fake-quantized at :data:`HOT_ROW_PRECISION` at every lower
+precision, the others at the precision itself; its damage and bits are those of the split, and the
+rows are stored in the node's ``hot_rows`` for the planner and ``mixed`` to apply.
+
 **Activation statistics** (float model, all calibration windows): for every MatMul input ``X``, range,
 std, Pearson kurtosis, per-channel ``max |x|`` and its outlier channels (``> outlier_ratio`` x the
 median channel); and the same for the residual stream entering each block and the final norm.
