@@ -139,12 +139,10 @@ class SplitHead:
         return out
 
     def bits_per_weight(self) -> float:
-        from graphq.numerics.head_rows import split_bits
+        from graphq.numerics.head_rows import tiered_bits
 
-        k = self.cold.q.shape[0]
-        return split_bits(self.rows.size + self.cold.q.shape[1], self.rows.size,
-                          self.hot.config.bits_per_weight(min(self.hot.group_length, k)),
-                          self.cold.config.bits_per_weight(min(self.cold.group_length, k)))
+        k, vocab = self.cold.q.shape[0], self.rows.size + self.cold.q.shape[1]
+        return tiered_bits(self.cold.config, self.hot.config, k, vocab, self.rows.size)
 
 
 def split_head(weight: np.ndarray, rows: np.ndarray, hot_config, cold_config, quantize) -> SplitHead:
