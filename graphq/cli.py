@@ -142,9 +142,10 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
 @click.option("--float-zero-points/--int-zero-points", "float_zero_points", default=None,
               help="[weight-only] Asymmetric groups: float zero points (the affine s q + m of Q4_1; MatMulNBits only) "
                    "or integer ones.")
-@click.option("--scale-dtype", type=click.Choice(["float16", "float32"]), default=None,
-              help="[weight-only] How group scales (and float zero points) are stored. Default float16 (a Cast that "
-                   "ONNX Runtime folds at load), float32 with --format qdq (the form TensorRT consumes).")
+@click.option("--scale-dtype", type=click.Choice(["float16", "float32", "q8-pow2"]), default=None,
+              help="[weight-only] How group scales (and float zero points' offsets) are stored: float16 (a Cast that "
+                   "ONNX Runtime folds at load), float32, or q8-pow2 (8-bit codes times a power of two per column, "
+                   "folded at load the same way). Default: the recipe's; float32 with --format qdq (the form TensorRT consumes).")
 @click.option("--format", "emit_format", type=click.Choice(["matmulnbits", "qdq", "codebook", "dq-cube"]), default=None,
               help="[weight-only] com.microsoft.MatMulNBits or blockwise DequantizeLinear (opset 21); cube-root "
                    "weights: codebook Gather or DequantizeLinear + Pow 3.")

@@ -73,7 +73,7 @@ from graphq.numerics.sensitivity import (
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_FORMAT_VERSION = 2  # 2: precisions store float16 scales (their bits changed)
+ANALYSIS_FORMAT_VERSION = 3  # 2: precisions store float16 scales; 3: the int4 ones q8-pow2 scales (bits changed)
 ANALYSIS_KIND = "graphq-analysis"
 LOCAL_SAMPLE_TOKENS = 512
 REFERENCE_PRECISION = "int4"

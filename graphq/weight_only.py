@@ -467,7 +467,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
         def done(batch: dict[str, QuantizedWeight]) -> None:
             """Record ``batch``; streamed: emit it now and move its tensors to the output file."""
             for name, q in batch.items():
-                summary[name] = (int(np.prod(q.shape)), int(np.prod(q.shape)) * q.config.bits_per_weight(q.group_length))
+                summary[name] = (int(np.prod(q.shape)), int(np.prod(q.shape)) * q.config.bits_per_weight(q.group_length, q.shape[0]))
             if sink is None:
                 quantized.update(batch)
                 return
@@ -543,7 +543,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
                     if how == "own":
                         vocab, dim = tables[gather]
                         embedded += vocab * dim
-                        embedded_bits += vocab * dim * recipe.embedding_config.bits_per_weight(embedding_group(dim, recipe.weights.group_size))
+                        embedded_bits += vocab * dim * recipe.embedding_config.bits_per_weight(embedding_group(dim, recipe.weights.group_size), dim)
             else:
                 logger.info("weight-only: embeddings stay float with the %s format", recipe.emit.format)
         graph = CleanupPass()(graph).model

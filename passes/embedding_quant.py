@@ -153,7 +153,8 @@ class EmbeddingQuantizationPass(ir.passes.InPlacePass):
         stem = gather.name.strip("/").replace("/", "_")
         float_type = ir.DataType.FLOAT16 if table.dtype == np.float16 else ir.DataType.FLOAT
         inputs = [new_initializer(graph, f"{stem}.qweight", packed["B"].reshape(vocab, -1)),
-                  stored_float(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1), cfg.scale_dtype, float_type)]
+                  stored_float(graph, f"{stem}.scales", packed["scales"].reshape(vocab, -1), cfg.scale_dtype, float_type,
+                               group_axis=1)]
         if packed["zero_points"] is not None:
             inputs.append(new_initializer(graph, f"{stem}.zero_points", packed["zero_points"].reshape(vocab, -1)))
         return inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": cfg.bits}

@@ -32,7 +32,9 @@ the source constant stays for its other users (the embedding ``Gather``). Scales
 type of the weight they replace (float16 models get float16 scales: ``MatMulNBits`` and
 ``DequantizeLinear`` tie the scale type to the activation / output type). Weights quantized with
 ``scale_dtype = "float16"`` in a float32 graph store their scales (and offsets or float zero points) as
-float16 behind a ``Cast`` to float32 (:func:`stored_float`), which ONNX Runtime folds at session start.
+float16 behind a ``Cast`` to float32, and with ``scale_dtype = "q8-pow2"`` as 8-bit codes and an int8
+exponent per column behind ``Cast``/``Pow``/``Mul`` (:func:`stored_float`); ONNX Runtime folds both at
+session start.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.errors import GraphqError
-from graphq.numerics.weight_only import QuantizedWeight, pack_matmul_nbits, split_float_zero_points
+from graphq.numerics.weight_only import (
+    POW2_SCALES,
+    QuantizedWeight,
+    pack_matmul_nbits,
+    pow2_split,
+    split_float_zero_points,
+)
 from graphq.passes.qdq_insert import drop_unused_weight, new_initializer
 
 logger = logging.getLogger(__name__)
@@ -91,26 +99,81 @@ def weight_float_type(node: ir.Node) -> ir.DataType:
     return dtype if dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else ir.DataType.FLOAT
 
 
-def stored_float(graph: ir.Graph, name: str, values: np.ndarray, storage: str, float_type: ir.DataType) -> ir.Value:
-    """``values`` as a ``float_type`` input: an initializer of that type, or, stored as float16 (``storage``)
-    in a graph that computes in another float type, a float16 initializer read through a ``Cast``. The
-    Cast reads a constant and goes first in the graph; ONNX Runtime folds it into a constant of
-    ``float_type`` when the session starts, so kernels that pre-pack their constant inputs (MatMulNBits,
+def stored_float(graph: ir.Graph, name: str, values: np.ndarray, storage: str, float_type: ir.DataType, *,
+                 group_axis: int = 0, flatten: bool = False) -> ir.Value:
+    """``values`` as a ``float_type`` input, stored as ``storage`` (a ``scale_dtype``).
+
+    - float32 (or a float16 graph): an initializer of ``float_type``.
+    - float16 in a graph that computes in another float type: a float16 initializer read through a ``Cast``.
+    - q8-pow2: ``values`` is 2-D with the groups of a column along ``group_axis``; stored as its 8-bit codes
+      and one int8 exponent per column (:func:`~graphq.numerics.weight_only.pow2_split`, exact: the values
+      must be on that grid), read as ``Cast(codes) * Pow(2, Cast(e))`` (then a ``Cast`` to ``float_type``
+      when it is not float32).
+
+    ``flatten``: the input is the 1-D ``values.reshape(-1)`` (MatMulNBits' scales). The nodes read
+    constants and go first in the graph; ONNX Runtime folds them into a constant of ``float_type`` when
+    the session starts, so kernels that pre-pack their constant inputs (MatMulNBits,
     GatherBlockQuantized) still do, and run as fast as with that type stored. That needs ORT's basic
     optimisation level or above (its default): with ``ORT_DISABLE_ALL``, ONNX Runtime 1.32's MatMulNBits at
     ``accuracy_level`` 4 pre-packs ``B`` without the (not yet constant) scales and outputs zeros."""
+    if storage == POW2_SCALES:
+        return _stored_pow2(graph, name, values, float_type, group_axis=group_axis, flatten=flatten)
+    if flatten:
+        values = values.reshape(-1)
     if storage != "float16" or float_type == ir.DataType.FLOAT16:
         return new_initializer(graph, name, values.astype(float_type.numpy()))
     half = new_initializer(graph, name, values.astype(np.float16))
-    cast = ir.node("Cast", [half], attributes={"to": float_type}, name=f"{name}/Cast")
-    cast.outputs[0].name = f"{name}_as_{float_type.name.lower()}"
-    cast.outputs[0].dtype, cast.outputs[0].shape = float_type, half.shape
+    return _first_nodes(graph, [ir.node("Cast", [half], attributes={"to": float_type}, name=f"{name}/Cast")],
+                        f"{name}_as_{float_type.name.lower()}", float_type, half.shape)
+
+
+def _first_nodes(graph: ir.Graph, nodes: list[ir.Node], output_name: str, dtype: ir.DataType, shape) -> ir.Value:
+    """Insert ``nodes`` (a chain over constants, in order) at the start of the graph; name and type the
+    last one's output."""
     first = next(iter(graph), None)
-    if first is None:
-        graph.append(cast)
+    for node in nodes:
+        if first is None:
+            graph.append(node)
+        else:
+            graph.insert_before(first, node)
+    output = nodes[-1].outputs[0]
+    output.name, output.dtype, output.shape = output_name, dtype, ir.Shape(list(shape))
+    return output
+
+
+def _stored_pow2(graph: ir.Graph, name: str, values: np.ndarray, float_type: ir.DataType, *, group_axis: int,
+                 flatten: bool) -> ir.Value:
+    if np.ndim(values) != 2 or group_axis not in (0, 1):
+        raise ValueError(f"q8-pow2 storage takes a 2-D array with its groups on axis 0 or 1, got shape {np.shape(values)}")
+    columns_last = np.asarray(values, dtype=np.float32) if group_axis == 0 else np.asarray(values, dtype=np.float32).T
+    try:
+        codes, exponents = pow2_split(columns_last)
+    except ValueError as error:
+        raise GraphqError(f"{name}: {error}") from error
+    if group_axis == 1:
+        codes, exponent_shape = codes.T, (exponents.shape[0], 1)
     else:
-        graph.insert_before(first, cast)
-    return cast.outputs[0]
+        exponent_shape = (1, exponents.shape[0])
+    stored_codes = new_initializer(graph, name, np.ascontiguousarray(codes))
+    stored_exponents = new_initializer(graph, f"{name}.exponents", exponents.reshape(exponent_shape))
+    two = new_initializer(graph, f"{name}.base", np.array(2.0, dtype=np.float32))
+    f32 = ir.DataType.FLOAT
+    nodes = [ir.node("Cast", [stored_codes], attributes={"to": f32}, name=f"{name}/codes_Cast"),
+             ir.node("Cast", [stored_exponents], attributes={"to": f32}, name=f"{name}/exponents_Cast")]
+    nodes.append(ir.node("Pow", [two, nodes[1].outputs[0]], name=f"{name}/Pow"))
+    nodes.append(ir.node("Mul", [nodes[0].outputs[0], nodes[2].outputs[0]], name=f"{name}/Mul"))
+    for node, shape in zip(nodes, (codes.shape, exponent_shape, exponent_shape)):
+        node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = f"{node.name}_out", f32, ir.Shape(list(shape))
+    shape = codes.shape
+    if flatten:
+        target = new_initializer(graph, f"{name}.flat_shape", np.array([-1], dtype=np.int64))
+        nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], target], name=f"{name}/Reshape"))
+        shape = (codes.size,)
+    if float_type != f32:
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": float_type}, name=f"{name}/Cast"))
+    for node in nodes[3:-1]:
+        node.outputs[0].name, node.outputs[0].dtype = f"{node.name}_out", f32
+    return _first_nodes(graph, nodes, f"{name}_as_{float_type.name.lower()}", float_type, shape)
 
 
 def named_matmuls(graph: ir.Graph, names, who: str) -> dict[str, ir.Node]:
@@ -165,11 +228,13 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         float_type = weight_float_type(node)
         storage = qw.config.scale_dtype
         inputs = [node.inputs[0], new_initializer(graph, f"{stem}.qweight", packed["B"]),
-                  stored_float(graph, f"{stem}.scales", packed["scales"], storage, float_type)]
+                  stored_float(graph, f"{stem}.scales", packed["scales"].reshape(packed["N"], -1), storage, float_type,
+                               group_axis=1, flatten=True)]
         zero_points = packed["zero_points"]
-        if zero_points is not None:
-            inputs.append(stored_float(graph, f"{stem}.zero_points", zero_points, storage, float_type)
-                          if zero_points.dtype.kind == "f" else new_initializer(graph, f"{stem}.zero_points", zero_points))
+        if zero_points is not None:  # float zero points z = c - O / s are not on the q8-pow2 grid: float32 there
+            inputs.append(stored_float(graph, f"{stem}.zero_points", zero_points, "float32" if storage == POW2_SCALES else storage,
+                                       float_type) if zero_points.dtype.kind == "f"
+                          else new_initializer(graph, f"{stem}.zero_points", zero_points))
         attributes = {"K": packed["K"], "N": packed["N"], "bits": packed["bits"], "block_size": packed["block_size"]}
         level = self.config.level_for(qw.config.bits)
         if level:

@@ -84,11 +84,15 @@ def test_matched_noise_has_the_error_variance(kind, scope):
 
 
 def test_bits_per_weight_accounting():
-    assert bits_per_weight(precision_config("int4"), 576) == 4.125  # float16 scales
-    assert bits_per_weight(precision_config("int8"), 1536) == 8.125
+    # The int4 precisions: 8-bit scale codes per group plus an int8 exponent per column (8 / K).
+    assert bits_per_weight(precision_config("int4"), 576) == 4 + 8 / 128 + 8 / 576
+    assert bits_per_weight(precision_config("int8"), 1536) == 8.125  # float16 scales
     assert bits_per_weight(precision_config("float"), 576) == 32
-    assert bits_per_weight(precision_config("int4", tied_dim=576), 576) == 4.25  # tied head: group 64 (divides 576)
-    assert bits_per_weight(precision_config("int4-g32-fzp"), 576) == 5.0  # float16 scale and offset per 32
+    assert bits_per_weight(precision_config("int4", tied_dim=576), 576) == 4 + 8 / 64 + 8 / 576  # tied head: group 64
+    assert bits_per_weight(precision_config("int4-g32-fzp"), 576) == 4.5 + 16 / 576  # 8-bit scale and offset per 32
+    assert bits_per_weight(precision_config("int4-g32-asym"), 1536) == 4 + 8 / 32 + 4 / 32 + 8 / 1536
+    assert bits_per_weight(WeightQuantConfig(4, 32, symmetric=False, float_zero_points=True, scale_dtype="float16"), 64) == 5.0
+    assert bits_per_weight(WeightQuantConfig(4, 32, symmetric=False, float_zero_points=True), 64) == 6.0  # float32 ones
     assert bits_per_weight(WeightQuantConfig(4, 32, symmetric=False, float_zero_points=True), 64) == 6.0  # float32 ones
     assert bits_per_weight(WeightQuantConfig(4, 32, symmetric=False), 64) == 4 + 1 + 4 / 32
     assert bits_per_weight(WeightQuantConfig(4, 0), 64) == 4.5

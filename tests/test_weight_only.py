@@ -19,6 +19,8 @@ from graphq.numerics.weight_only import (
     pack_codes,
     pack_matmul_nbits,
     packed_uint4,
+    pow2_round,
+    pow2_split,
     quantize_rtn,
     split_float_zero_points,
     unpack_codes,
@@ -301,6 +303,79 @@ def test_float16_offsets_keep_q4_1_groups_to_a_float16_rounding():
         symmetric, offsets = split_float_zero_points(qw)
         np.testing.assert_array_equal(offsets.astype(np.float16).astype(np.float32), offsets)
         np.testing.assert_allclose(symmetric.dequantize() + np.repeat(offsets, 32, axis=0), qw.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_pow2_split_is_exact_and_minimal():
+    """q8-pow2 values: codes times one power of two per column, the smallest exponent that fits the column's
+    largest |value| (uint8 codes when no value is negative, int8 in -127..127 otherwise); exact on its own
+    output, so the stored float32 values give the codes and exponents back; idempotent on values a hair off."""
+    rng = np.random.default_rng(11)
+    values = rng.uniform(0.001, 0.3, (9, 7))
+    values[:, 3] = 0.0  # an all-zero column: exponent 0
+    rounded = pow2_round(values)
+    codes, exponents = pow2_split(rounded)
+    assert codes.dtype == np.uint8 and exponents.dtype == np.int8 and exponents.shape == (7,)
+    np.testing.assert_array_equal(codes * np.exp2(exponents.astype(np.float64)), rounded)
+    live = np.arange(7) != 3
+    assert (codes.max(axis=0)[live] >= 128).all() and exponents[3] == 0  # minimal: one exponent less would overflow 255
+    assert (np.abs(rounded - values) <= np.exp2(exponents.astype(np.float64)) / 2 + 1e-12).all()
+    np.testing.assert_array_equal(pow2_round(rounded * (1 + 1e-9)), rounded)  # recomputed values keep their grid
+    signed_codes, _ = pow2_split(pow2_round(values - 0.15))
+    assert signed_codes.dtype == np.int8 and np.abs(signed_codes.astype(int)).max() <= 127
+    with pytest.raises(ValueError, match="power of two"):
+        pow2_split(rounded + 1e-7)
+    with pytest.raises(ValueError, match="per column"):
+        pow2_split(rounded[0])
+
+
+@pytest.mark.parametrize("config", [WeightQuantConfig(4, 128, True, scale_dtype="q8-pow2"),
+                                    WeightQuantConfig(4, 32, False, scale_dtype="q8-pow2"),
+                                    WeightQuantConfig(4, 32, False, float_zero_points=True, scale_dtype="q8-pow2")],
+                         ids=["g128-sym", "g32-asym", "g32-fzp"])
+def test_q8_pow2_scales_cost_under_one_percent_of_the_error(config):
+    """scale_dtype q8-pow2 (RTN and GPTQ): every column's scales (and offsets) are on the grid, the
+    reconstruction error is within 1 % of float32 scales', the accounting is b + 8 / G (+ zero points) + 8 / K
+    per stored quantity; GPTQ without act_order takes static groups (the scales of a column are coded together)."""
+    w = _weight()
+    full = dataclasses.replace(config, scale_dtype="float32")
+    h = _hessian(_correlated_inputs())
+    for method, quantize in (("rtn", lambda c: quantize_rtn(w, c)), ("gptq", lambda c: gptq_quantize(w, h, c, act_order=True))):
+        coarse, fine = quantize(config), quantize(full)
+        pow2_split(coarse.scales)
+        if method == "rtn":  # the weight error
+            mse = [np.mean((q.dequantize() - w).astype(np.float64) ** 2) for q in (coarse, fine)]
+            assert mse[0] == pytest.approx(mse[1], rel=1e-2)
+        else:  # what GPTQ minimises: the output error tr(D^T H D)
+            out = [np.trace((q.dequantize() - w).T.astype(np.float64) @ h @ (q.dequantize() - w)) for q in (coarse, fine)]
+            assert out[0] <= 1.02 * out[1]
+            pow2_split(gptq_quantize(w, h, config, act_order=False).scales)  # row order: static groups too
+        if config.float_zero_points:
+            pow2_split(split_float_zero_points(coarse)[1])
+    g = config.group_size
+    zero = 0 if config.symmetric else (8 if config.float_zero_points else 4) / g
+    exponents = 8 * (2 if config.float_zero_points else 1) / K
+    assert config.bits_per_weight(g, K) == pytest.approx(4 + 8 / g + zero + exponents)
+    assert config.bits_per_weight(g) == pytest.approx(4 + 8 / g + zero)  # nominal, K unknown
+
+
+def test_q8_pow2_keeps_q4_1_groups_to_a_step_of_their_column():
+    """A Q4_1 block (float16 d and m) with q8-pow2 storage: the codes come back, and each weight to within
+    the column's steps of scale and offset (a few tenths of a percent of the range, against 1/30 for RTN)."""
+    rng = np.random.default_rng(5)
+    d = rng.uniform(0.002, 0.02, (K // 32, 1, N)).astype(np.float16).astype(np.float64)
+    m = rng.uniform(-0.15, 0.05, (K // 32, 1, N)).astype(np.float16).astype(np.float64)
+    codes = rng.integers(0, 16, (K // 32, 32, N))
+    codes[:, 0], codes[:, 1] = 0, 15
+    w = (d * codes + m).reshape(K, N).astype(np.float32)
+    qw = quantize_rtn(w, WeightQuantConfig(4, 32, False, float_zero_points=True, scale_dtype="q8-pow2"))
+    same = qw.q == codes.reshape(K, N)
+    assert same.mean() > 0.99
+    offset = 8 * d + m
+    budget = 15 * d.max(axis=(0, 1)) / 255 + np.abs(offset).max(axis=(0, 1)) / 127  # q ds + dO: the column steps
+    error = np.abs(qw.dequantize() - w)
+    assert (np.where(same, error, 0) <= budget + 1e-7).all()
+    rtn = quantize_rtn(w, WeightQuantConfig(4, 128, True, scale_dtype="float16"))
+    assert np.sum(error.astype(np.float64) ** 2) < 0.01 * np.sum((rtn.dequantize() - w).astype(np.float64) ** 2)
 
 
 def test_float_zero_points_rtn_error_and_clipping():

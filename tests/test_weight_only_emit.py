@@ -169,3 +169,51 @@ def test_float16_scales_behind_a_cast_that_onnx_runtime_folds(level, float_zero_
 
     plain = WeightOnlyEmissionPass({"proj": quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32), pad=True)})(_model())
     assert "Cast" not in [n.op_type for n in plain.model.graph]
+
+
+@pytest.mark.parametrize("symmetric,float_zero_points,fmt", [(True, False, "matmulnbits"), (False, True, "matmulnbits"),
+                                                             (False, False, "matmulnbits"), (False, False, "qdq")])
+def test_q8_pow2_scales_stored_as_codes_and_exponents_that_onnx_runtime_folds(symmetric, float_zero_points, fmt, tmp_path):
+    """scale_dtype q8-pow2: scales (and offsets) are stored as 8-bit codes (uint8 when none is negative, else
+    int8) with one int8 exponent per column, read through Cast/Pow/Mul placed first; the output equals
+    X @ W_hat at float32 precision (c 2^e is exact), ONNX Runtime folds the chain at its basic level, and the
+    stored bytes are one byte per scale plus one per column."""
+    config = WeightQuantConfig(bits=4, group_size=32, symmetric=symmetric, float_zero_points=float_zero_points,
+                               scale_dtype="q8-pow2")
+    qw = quantize_rtn(W, config)  # K = 96: whole groups of 32 (the offset form needs them)
+
+    result = WeightOnlyEmissionPass({"proj": qw}, WeightOnlyEmitConfig(format=fmt))(_model())
+
+    graph = result.model.graph
+    stored = {v.name: v.const_value for v in graph.initializers.values()}
+    assert stored["proj.scales"].dtype == (ir.DataType.INT8 if symmetric else ir.DataType.UINT8)  # sign trick: negative scales
+    assert stored["proj.scales"].size == qw.scales.size and stored["proj.scales.exponents"].size == N
+    if float_zero_points:
+        assert stored["proj.offsets"].dtype == ir.DataType.INT8 and stored["proj.offsets.exponents"].size == N
+    assert not [name for name, value in stored.items() if value.dtype == ir.DataType.FLOAT
+                and name not in ("proj.scales.base", "proj.offsets.base", "group_indicator_96x32")]
+    ops = [n.op_type for n in graph]
+    chain = (5 if fmt == "matmulnbits" else 4) + (4 if float_zero_points else 0)  # Cast, Cast, Pow, Mul (, Reshape) each
+    assert set(ops[:chain]) <= {"Cast", "Pow", "Mul", "Reshape"} and ops.count("Pow") == chain // 4
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    (actual,) = run_model(result.model, {"x": X}, tmp_path)
+    expected = X @ qw.dequantize()
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ir.save(result.model, tmp_path / "model.onnx")
+    ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    left = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert not left & {"Cast", "Pow", "Mul", "Reshape"}
+
+
+def test_q8_pow2_storage_refuses_values_off_its_grid():
+    """Values that are not 8-bit codes times a power of two per column are refused, not silently rounded."""
+    qw = quantize_rtn(W, WeightQuantConfig(bits=4, group_size=32, symmetric=True, scale_dtype="float16"))
+    graph = _model().graph
+    with pytest.raises(GraphqError, match="not 8-bit codes times a power of two"):
+        from graphq.passes.weight_only_emit import stored_float
+        stored_float(graph, "s", qw.scales * np.float32(1.0 + 2**-12), "q8-pow2", ir.DataType.FLOAT)

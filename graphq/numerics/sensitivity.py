@@ -50,16 +50,16 @@ import math
 
 import numpy as np
 
-from graphq.numerics.weight_only import WeightQuantConfig, quantize_rtn
+from graphq.numerics.weight_only import POW2_SCALES, WeightQuantConfig, quantize_rtn
 
 FLOAT_BITS = 32.0
 DEFAULT_OUTLIER_RATIO = 6.0
 NOISE_KINDS = ("gaussian", "uniform")
 NOISE_SCOPES = ("tensor", "group")
 PRECISIONS: dict[str, WeightQuantConfig | None] = {
-    "int4": WeightQuantConfig(bits=4, group_size=128, symmetric=True, scale_dtype="float16"),
-    "int4-g32-asym": WeightQuantConfig(bits=4, group_size=32, symmetric=False, scale_dtype="float16"),
-    "int4-g32-fzp": WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True, scale_dtype="float16"),
+    "int4": WeightQuantConfig(bits=4, group_size=128, symmetric=True, scale_dtype=POW2_SCALES),
+    "int4-g32-asym": WeightQuantConfig(bits=4, group_size=32, symmetric=False, scale_dtype=POW2_SCALES),
+    "int4-g32-fzp": WeightQuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True, scale_dtype=POW2_SCALES),
     "int8": WeightQuantConfig(bits=8, group_size=128, symmetric=True, scale_dtype="float16"),
     "float": None,
 }
@@ -191,7 +191,7 @@ def bits_per_weight(config: WeightQuantConfig | None, k: int) -> float:
     ``b + S / G`` for ``S``-bit scales, plus the zero points when asymmetric); ``32`` for float (``config`` None)."""
     if config is None:
         return FLOAT_BITS
-    return config.bits_per_weight(k if config.per_channel else config.group_size)
+    return config.bits_per_weight(k if config.per_channel else config.group_size, k)
 
 
 def precision_config(precision: str, *, tied_dim: int | None = None) -> WeightQuantConfig | None:
