@@ -159,7 +159,8 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
               help="[weight-only gptq/awq] Calibrate each block on the already-quantized blocks before it (default) "
                    "or all blocks on the float model in one pass.")
 @click.option("--budget-bits", type=float, default=None,
-              help="[mixed] Average bits per weight (int4 g128 = 4.125, int8 = 8.125, float = 32; default 4.5).")
+              help="[mixed] Average bits per weight (at K = 576: int4 g128 = 4.08, int4-g32-fzp = 4.53, int8 = 8.125, "
+                   "float = 32; default 4.5).")
 @click.option("--target-ratio", type=float, default=None,
               help="[mixed] Instead of a budget: the smallest plan with predicted perplexity ratio <= this.")
 @click.option("--analysis", "analysis_path", type=click.Path(path_type=Path), default=None,

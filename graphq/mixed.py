@@ -60,7 +60,7 @@ METHODS = ("rtn", "gptq")
 @dataclasses.dataclass(frozen=True)
 class MixedRecipe:
     name: str = "mixed"
-    budget_bits: float | None = 4.5  # average bits per weight (int4 g128 = 4.125, int8 = 8.125, float = 32)
+    budget_bits: float | None = 4.5  # average bits per weight (K = 576: int4 g128 = 4.08, int4-g32-fzp = 4.53, int8 = 8.125)
     target_ratio: float | None = None  # instead of a budget: predicted perplexity ratio to stay under
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     analysis: AnalysisConfig = AnalysisConfig()

@@ -1,8 +1,9 @@
 """Precision planning: int4 / int8 / float per MatMul under a size budget, from measured damage.
 
 Each analysed node ``n`` has ``w_n`` weights and, per allowed precision ``c``, nominal bits per weight
-``b_n(c)`` (:func:`~graphq.numerics.sensitivity.bits_per_weight`: 4.125 for int4 g128, 8.125 for int8
-g128, 32 for float; a tied head's group follows its embedding) and a damage ``d_n(c)``, the mean KL
+``b_n(c)`` (:func:`~graphq.numerics.sensitivity.bits_per_weight`: for ``K = 576``, 4.076 for int4 g128
+and 4.528 for int4-g32-fzp (q8-pow2 scales), 8.125 for int8 g128, 32 for float; a tied head's group
+follows its embedding) and a damage ``d_n(c)``, the mean KL
 of :mod:`graphq.sensitivity` (``d_n(float) = 0``). A plan picks one ``c_n`` per node:
 
     size  S = sum_n w_n b_n(c_n)            average bits  S / W,  W = sum_n w_n

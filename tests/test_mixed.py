@@ -60,7 +60,8 @@ def test_budget_plan_end_to_end(method, analysis_file, tiny_llama_onnx, tmp_path
             assert meta["graphq.precision"] == precision
             assert float(meta["graphq.kl.int4"].split()[0]) == pytest.approx(_kl(analysis_file, name), rel=1e-3, abs=1e-12)
             assert meta["graphq.scales"].startswith("|s| min")
-            assert float(meta["graphq.bits_per_weight"]) in (4.125, 4.25, 4.625, 5.0, 8.125, 8.25)  # float16 scales
+            planned_bits = _damage(analysis_file, name)[precision]["bits"]  # q8-pow2 int4 scales: 8 / G + 8 / K per quantity
+            assert float(meta["graphq.bits_per_weight"]) == pytest.approx(planned_bits, abs=5e-4)
     summary = json.loads({p.key: p.value for p in model.metadata_props}["graphq.plan"])
     assert summary["average_bits"] == pytest.approx(plan.average_bits) and summary["budget_bits"] == 5.0
     # The tied head is int4 or int8: the embedding lookup reads its codes.
@@ -85,9 +86,13 @@ def test_gptq_in_column_blocks_equals_one_call():
         np.testing.assert_array_equal(blocks.scales, whole.scales)
 
 
-def _kl(path, name):
+def _damage(path, name):
     data = json.loads(path.read_text())
-    return next(n for n in data["nodes"] if n["name"] == name)["damage"]["int4"]["kl"]
+    return next(n for n in data["nodes"] if n["name"] == name)["damage"]
+
+
+def _kl(path, name):
+    return _damage(path, name)["int4"]["kl"]
 
 
 def test_plan_file_with_float_head_keeps_a_float_lookup(tiny_llama_onnx, tmp_path):
@@ -101,15 +106,20 @@ def test_plan_file_with_float_head_keeps_a_float_lookup(tiny_llama_onnx, tmp_pat
     assert ops["/lm_head/MatMul"] == "MatMul" and "/model/embed_tokens/Gather" in ops
     assert sum(op == "MatMulNBits" for op in ops.values()) == 14
     assert result.plan.counts() == {"int4": 12, "int8": 2, "float": 1}
+    # int4: 4 + 8 / 128 + 8 / K (q8-pow2 scales), int8: 8.125 (float16 scales), the float head 32
     assert result.plan.average_bits == pytest.approx(
-        (sum(4.125 * w for n, w in _sizes(model).items() if assignments[n] == "int4")
+        (sum((4 + 8 / 128 + 8 / k) * w for n, (w, k) in _shapes(model).items() if assignments[n] == "int4")
          + sum(8.125 * w for n, w in _sizes(model).items() if assignments[n] == "int8") + 32 * 64 * 260) / sum(_sizes(model).values()))
 
 
-def _sizes(model):
+def _shapes(model):
     from graphq.mixed import planned_nodes
 
-    return {n.name: int(n.weight.size) for n in planned_nodes(model)}
+    return {n.name: (int(n.weight.size), n.weight.shape[0]) for n in planned_nodes(model)}
+
+
+def _sizes(model):
+    return {name: size for name, (size, _) in _shapes(model).items()}
 
 
 def test_plans_naming_nonexistent_nodes_are_refused(tiny_llama_onnx, tmp_path, capsys):

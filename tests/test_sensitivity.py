@@ -33,19 +33,22 @@ def test_analysis_structure(analysed, tiny_llama_onnx):
         assert node.damage["int4"].measured
         assert node.damage["int4"].kl > -1e-6  # float32 KL: tiny negatives are rounding
         assert node.damage["int4"].local_error > node.damage["int4-g32-asym"].local_error > node.damage["int8"].local_error > 0
-        # float16 scales: 4 + 16 / 128, 8 + 16 / 128; a tied head's group is 64 and 5 % of its rows (those the
-        # calibration text uses most) stay int8 at every lower precision
-        hot = len(node.hot_rows)
+        # int4 precisions, q8-pow2 scales: 4 + 8 / 128 + 8 / K (an int8 exponent per column); int8, float16 ones:
+        # 8 + 16 / 128; a tied head's group is 64 and 5 % of its rows (those the calibration text uses most)
+        # stay int8 at every lower precision
+        hot, k = len(node.hot_rows), node.k
         assert hot == (math.ceil(0.05 * node.n) if node.tied else 0)
         assert node.damage["int8"].bits == (8.25 if node.tied else 8.125)
-        assert node.damage["int4"].bits == pytest.approx(split_bits(node.n, hot, 8.25, 4.25) if node.tied else 4.125)
-        assert node.damage["int4-g32-asym"].bits == pytest.approx(split_bits(node.n, hot, 8.25, 4.625))  # 4 + 16 / 32 + 4 / 32
-        # float zero points: 4 + 32 / 32 bits (float16 scale and offset) and a finer grid; a tied head keeps integer ones (the shared lookup)
+        assert node.damage["int4"].bits == pytest.approx(split_bits(node.n, hot, 8.25, 4 + 8 / 64 + 8 / k) if node.tied
+                                                         else 4 + 8 / 128 + 8 / k)
+        assert node.damage["int4-g32-asym"].bits == pytest.approx(split_bits(node.n, hot, 8.25, 4 + 8 / 32 + 4 / 32 + 8 / k))
+        # float zero points: 4 + 16 / 32 + 16 / K bits (8-bit scale and offset) and a finer grid; a tied head keeps
+        # integer ones (the shared lookup)
         fzp, asym = node.damage["int4-g32-fzp"], node.damage["int4-g32-asym"]
         if node.tied:
             assert (fzp.bits, fzp.local_error) == (asym.bits, asym.local_error)
         else:
-            assert fzp.bits == 5.0 and 0 < fzp.local_error < asym.local_error
+            assert fzp.bits == pytest.approx(4.5 + 16 / k) and 0 < fzp.local_error < asym.local_error
         assert set(node.scales) == {"int4", "int4-g32-asym", "int4-g32-fzp", "int8"} and node.scales["int4"]["max"] >= node.scales["int4"]["min"] > 0
         assert node.weight["abs_max"] > 0 and node.role in node.name
     head = analysis.node("/lm_head/MatMul")

@@ -26,21 +26,24 @@ whether the quantizer hurts through the size of its error (same damage) or throu
 
 **Precisions.** A plan gives each quantizable MatMul one of :data:`PRECISIONS`: ``int4`` (4-bit
 symmetric RTN, groups of 128 along ``K``), ``int4-g32-asym`` (4 bits in groups of 32 with a uint4 zero
-point each: 4.625 bits, between the two others), ``int4-g32-fzp`` (the same with a float zero point,
-stored as a float16 offset: 5.0 bits; the affine form ``s q + m`` of llama.cpp's Q4_1, so a model
-converted from Q4_1 keeps its weights, to within float16 rounding of the offsets), ``int8``
-(symmetric, groups of 128) or ``float``. Scales are float16 (``WeightQuantConfig.scale_dtype``). A tied LM head
+point each), ``int4-g32-fzp`` (the same with a float zero point, stored as an offset; the affine form
+``s q + m`` of llama.cpp's Q4_1, so a model converted from Q4_1 keeps its codes, its weights to within
+the scale and offset steps), ``int8`` (symmetric, groups of 128) or ``float``. The int4 precisions store
+their scales (and offsets) as q8-pow2, 8-bit codes times a power of two per column; int8 as float16
+(``WeightQuantConfig.scale_dtype``). A tied LM head
 shares its codes with the embedding lookup, whose rows are cut into groups along the hidden size
 ``D``, with integer zero points (``GatherBlockQuantized`` reads no float ones: its ``int4-g32-fzp`` is
 ``int4-g32-asym``): its group is the largest power of two ``<= 128`` dividing ``D`` (64 for ``D = 576``; see
 :func:`graphq.passes.embedding_quant.embedding_group`). :func:`fake_quantize` returns the dequantized
 weight ``W_hat`` the deployed kernel computes with, column block by column block (bounded memory).
 
-**Bits per weight** (accounting of a precision plan): ``b + 16 / G`` for ``b``-bit codes in groups
-of ``G`` with one float16 scale per group (symmetric: no zero points; asymmetric adds ``b / G``, or
-``16 / G`` for a float zero point's offset),
-``32`` for float32. Padding of a last short group is not counted (nominal bits, as the budget is
-stated; the file size is reported separately).
+**Bits per weight** (accounting of a precision plan, :meth:`WeightQuantConfig.bits_per_weight`):
+``b + S / G`` for ``b``-bit codes in groups of ``G`` with one ``S``-bit scale per group (``S`` = 8 for
+q8-pow2, 16 for float16; symmetric: no zero points; asymmetric adds ``b / G``, or ``S / G`` for a float
+zero point's offset), plus for q8-pow2 an int8 exponent per column and stored quantity, ``8 / K`` each;
+``32`` for float32. At ``K = 576``: int4 4.076, int4-g32-asym 4.389, int4-g32-fzp 4.528, int8 8.125.
+Padding of a last short group is not counted (nominal bits, as the budget is stated; the file size is
+reported separately).
 """
 
 from __future__ import annotations
