@@ -283,17 +283,23 @@ def test_float16_scales_are_float16_and_cost_nothing_measurable():
         QuantizedWeight(qw.q, qw.scales * np.float32(1 + 2**-20), qw.zero_points, WeightQuantConfig(4, 32, scale_dtype="float16"))
 
 
-def test_float16_offsets_keep_q4_1_groups_to_a_float16_rounding():
-    """Float zero points with float16 storage: what is stored is the offset O = (c - z) s, a float16, and
-    W_sym + O reproduces the weight's dequantization. A Q4_1 block (float16 d and m) comes back with its codes
-    and to within half a float16 unit of its offset 8 d + m (about the group's centre); so does GPTQ with
-    act_order (static groups, the recipes' default; in row order it spreads that rounding into later groups)."""
+def _q4_1_weight():
+    """``W [K, N]`` made of Q4_1 blocks of 32: ``d q + m`` with float16 ``d`` and ``m``, codes 0 and 15 in every
+    block (its range is the lattice's); returns ``(W, d, m, codes)``."""
     rng = np.random.default_rng(5)
     d = rng.uniform(0.002, 0.02, (K // 32, 1, N)).astype(np.float16).astype(np.float64)
     m = rng.uniform(-0.15, 0.05, (K // 32, 1, N)).astype(np.float16).astype(np.float64)
     codes = rng.integers(0, 16, (K // 32, 32, N))
     codes[:, 0], codes[:, 1] = 0, 15
-    w = (d * codes + m).reshape(K, N).astype(np.float32)
+    return (d * codes + m).reshape(K, N).astype(np.float32), d, m, codes
+
+
+def test_float16_offsets_keep_q4_1_groups_to_a_float16_rounding():
+    """Float zero points with float16 storage: what is stored is the offset O = (c - z) s, a float16, and
+    W_sym + O reproduces the weight's dequantization. A Q4_1 block (float16 d and m) comes back with its codes
+    and to within half a float16 unit of its offset 8 d + m (about the group's centre); so does GPTQ with
+    act_order (static groups, the recipes' default; in row order it spreads that rounding into later groups)."""
+    w, d, m, codes = _q4_1_weight()
     config = WeightQuantConfig(4, 32, False, float_zero_points=True, scale_dtype="float16")
     offset = (8 * d + m).reshape(K // 32, N)
     budget = np.repeat(np.spacing(np.abs(offset).astype(np.float16)).astype(np.float64), 32, axis=0) / 2 + 1e-7
@@ -361,12 +367,7 @@ def test_q8_pow2_scales_cost_under_one_percent_of_the_error(config):
 def test_q8_pow2_keeps_q4_1_groups_to_a_step_of_their_column():
     """A Q4_1 block (float16 d and m) with q8-pow2 storage: the codes come back, and each weight to within
     the column's steps of scale and offset (a few tenths of a percent of the range, against 1/30 for RTN)."""
-    rng = np.random.default_rng(5)
-    d = rng.uniform(0.002, 0.02, (K // 32, 1, N)).astype(np.float16).astype(np.float64)
-    m = rng.uniform(-0.15, 0.05, (K // 32, 1, N)).astype(np.float16).astype(np.float64)
-    codes = rng.integers(0, 16, (K // 32, 32, N))
-    codes[:, 0], codes[:, 1] = 0, 15
-    w = (d * codes + m).reshape(K, N).astype(np.float32)
+    w, d, m, codes = _q4_1_weight()
     qw = quantize_rtn(w, WeightQuantConfig(4, 32, False, float_zero_points=True, scale_dtype="q8-pow2"))
     same = qw.q == codes.reshape(K, N)
     assert same.mean() > 0.99
