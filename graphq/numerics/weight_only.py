@@ -53,8 +53,8 @@ Codes. With ``b`` bits (2..8) and ``qmax = 2^b - 1``, a weight is stored as an u
   that grid before the codes are taken. A power of two, not a float step, so that the stored float32
   values determine ``(c, e)`` again exactly (the emitter recovers them) and the product ``c 2^e`` is exact.
   Cost: ``8 / G`` bits per scale (and per offset) plus ``8 / K`` per column: 4.5 + 16 / K bits for 4-bit
-  g32 with float zero points against 5.0 with float16. The relative error of a scale is at most
-  ``1 / 256`` of the column's largest (``1 / 128`` signed). On SmolLM2-135M's 210 linear weights (each an
+  g32 with float zero points against 5.0 with float16. A scale's rounding error is below ``1 / 255``
+  of the column's largest (``1 / 127`` signed). On SmolLM2-135M's 210 linear weights (each an
   exact Q4_1 lattice) the weight error energy of the Q4_1 form stored so is 0.07 % of int4 g128 RTN's
   (per-tensor instead of per-column exponents: 2 %). Scales must be known for all groups of a column at
   once: GPTQ takes its groups' parameters up front (static groups) and the clip search compares
