@@ -156,24 +156,29 @@ def _stored_pow2(graph: ir.Graph, name: str, values: np.ndarray, float_type: ir.
         exponent_shape = (1, exponents.shape[0])
     stored_codes = new_initializer(graph, name, np.ascontiguousarray(codes))
     stored_exponents = new_initializer(graph, f"{name}.exponents", exponents.reshape(exponent_shape))
-    two = new_initializer(graph, f"{name}.base", np.array(2.0, dtype=np.float32))
+    two = graph_constant(graph, "pow2_scales_base", np.array(2.0, dtype=np.float32))
     f32 = ir.DataType.FLOAT
     nodes = [ir.node("Cast", [stored_codes], attributes={"to": f32}, name=f"{name}/codes_Cast"),
              ir.node("Cast", [stored_exponents], attributes={"to": f32}, name=f"{name}/exponents_Cast")]
     nodes.append(ir.node("Pow", [two, nodes[1].outputs[0]], name=f"{name}/Pow"))
     nodes.append(ir.node("Mul", [nodes[0].outputs[0], nodes[2].outputs[0]], name=f"{name}/Mul"))
-    for node, shape in zip(nodes, (codes.shape, exponent_shape, exponent_shape)):
-        node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = f"{node.name}_out", f32, ir.Shape(list(shape))
     shape = codes.shape
     if flatten:
-        target = new_initializer(graph, f"{name}.flat_shape", np.array([-1], dtype=np.int64))
+        target = graph_constant(graph, "pow2_scales_flat_shape", np.array([-1], dtype=np.int64))
         nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], target], name=f"{name}/Reshape"))
         shape = (codes.size,)
     if float_type != f32:
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": float_type}, name=f"{name}/Cast"))
-    for node in nodes[3:-1]:
+    for node in nodes[:-1]:  # the last output is named and typed by _first_nodes
         node.outputs[0].name, node.outputs[0].dtype = f"{node.name}_out", f32
     return _first_nodes(graph, nodes, f"{name}_as_{float_type.name.lower()}", float_type, shape)
+
+
+def graph_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The initializer ``name`` of ``graph``, registered from ``array`` the first time: one copy of a constant
+    that many emitted nodes read (an emission may run more than once into one graph, e.g. streamed blocks)."""
+    existing = graph.initializers.get(name)
+    return existing if existing is not None else new_initializer(graph, name, array)
 
 
 def named_matmuls(graph: ir.Graph, names, who: str) -> dict[str, ir.Node]:
@@ -267,12 +272,8 @@ class WeightOnlyEmissionPass(ir.passes.InPlacePass):
         key = (x.name, group)
         if key not in self._group_sums:
             if (k, group) not in self._indicators:
-                name = f"group_indicator_{k}x{group}"
-                existing = graph.initializers.get(name)  # from an earlier emission into this graph (streamed blocks)
-                if existing is None:
-                    indicator = (np.arange(k)[:, None] // group == np.arange(k // group)[None, :]).astype(float_type.numpy())
-                    existing = new_initializer(graph, name, indicator)
-                self._indicators[(k, group)] = existing
+                indicator = (np.arange(k)[:, None] // group == np.arange(k // group)[None, :]).astype(float_type.numpy())
+                self._indicators[(k, group)] = graph_constant(graph, f"group_indicator_{k}x{group}", indicator)
             stem = (x.name or before.name).strip("/").replace("/", "_")
             sums = ir.node("MatMul", [x, self._indicators[(k, group)]], name=f"{stem}/group_sums_{group}")
             graph.insert_before(before, sums)
