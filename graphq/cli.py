@@ -155,6 +155,10 @@ def optimize(model: Path, output: Path, fuse: bool, max_positions: int | None) -
               help="[weight-only] Token embedding as GatherBlockQuantized (sharing a tied head's codes) or float.")
 @click.option("--embedding-bits", type=click.Choice(["4", "8"]), default=None,
               help="[weight-only] Bits of the quantized embedding (and of a tied LM head sharing its codes).")
+@click.option("--tune-steps", type=int, default=None,
+              help="[weight-only] After rounding, train the group scales end to end against the float model for this "
+                   "many calibration windows (knowledge distillation; codes unchanged; about 3.5 s a step for a "
+                   "135M model on 2 cores). 0: off.")
 @click.option("--sequential/--one-pass", default=None,
               help="[weight-only gptq/awq] Calibrate each block on the already-quantized blocks before it (default) "
                    "or all blocks on the float model in one pass.")
@@ -179,7 +183,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
              activations: str | None, range_method: str | None, weight_clip: str | None, k_sigma: float | None,
              peg_groups: int | None, peg_permute: bool | None, bits: int | None, group_size: int | None,
              asymmetric: bool | None, float_zero_points: bool | None, scale_dtype: str | None, emit_format: str | None,
-             accuracy_level: int | None, embedding: str | None, embedding_bits: str | None, sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
+             accuracy_level: int | None, embedding: str | None, embedding_bits: str | None, tune_steps: int | None,
+             sequential: bool | None, budget_bits: float | None, target_ratio: float | None,
              analysis_path: Path | None, plan_path: Path | None, mixed_method: str | None, calib_windows: int | None,
              calib_text: Path | None, tokenizer: Path | None, save_recipe: Path | None, overwrite: bool) -> None:
     """Quantize MODEL (.onnx) with a recipe; the result is verified before it is written."""
@@ -199,7 +204,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
                    "--range": range_method, "--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric,
                    "--float-zero-points/--int-zero-points": float_zero_points, "--scale-dtype": scale_dtype, "--format": emit_format,
                    "--accuracy-level": accuracy_level, "--embedding": embedding,
-                   "--embedding-bits": embedding_bits, "--sequential/--one-pass": sequential, "--budget-bits": budget_bits,
+                   "--embedding-bits": embedding_bits, "--tune-steps": tune_steps, "--sequential/--one-pass": sequential,
+                   "--budget-bits": budget_bits,
                    "--target-ratio": target_ratio, "--analysis": analysis_path, "--plan": plan_path,
                    "--method": mixed_method, "--calib-windows": calib_windows, "--calib-text": calib_text,
                    "--save-recipe": save_recipe}
@@ -219,6 +225,7 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
                                     "--range": range_method, "--bits": bits, "--group-size": group_size,
                                     "--asym/--sym": asymmetric, "--float-zero-points/--int-zero-points": float_zero_points,
                                     "--scale-dtype": scale_dtype, "--sequential/--one-pass": sequential, "--weight-clip": weight_clip,
+                                    "--tune-steps": tune_steps,
                                     "--k": k_sigma, "--peg-groups": peg_groups, "--peg-permute": peg_permute}.items()
                      if v is not None]
         if misplaced:
@@ -242,7 +249,7 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
     weight_options = {"--bits": bits, "--group-size": group_size, "--asym/--sym": asymmetric,
                       "--float-zero-points/--int-zero-points": float_zero_points, "--scale-dtype": scale_dtype,
                       "--format": emit_format, "--accuracy-level": accuracy_level, "--embedding": embedding, "--embedding-bits": embedding_bits,
-                      "--sequential/--one-pass": sequential}
+                      "--sequential/--one-pass": sequential, "--tune-steps": tune_steps}
     is_w8a8 = isinstance(recipe, W8A8Recipe)
     misplaced = [k for k, v in (weight_options if is_w8a8 else w8a8_options).items() if v is not None]
     if misplaced:
@@ -282,6 +289,8 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
             recipe = dataclasses.replace(recipe, embedding_bits=int(embedding_bits))
         if sequential is not None:
             recipe = dataclasses.replace(recipe, sequential=sequential)
+        if tune_steps is not None:
+            recipe = dataclasses.replace(recipe, tuning=dataclasses.replace(recipe.tuning, steps=tune_steps))
     calibration = recipe.calibration
     if calib_windows is not None:
         calibration = dataclasses.replace(calibration, windows=calib_windows)
@@ -319,6 +328,11 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
             f"({size['quantized_weights']} weights x {size['bits_per_quantized_weight']:.3f} bits "
             f"+ {size['float_initializer_bytes'] / 1e6:.1f} MB float initializers)"
         )
+        if result.tuning is not None:
+            tuning = result.tuning
+            click.echo(f"  scale tuning: held-out distillation loss {tuning.loss_before:.4f} -> {tuning.loss_after:.4f} "
+                       f"over {tuning.tuned_weights} weights in {tuning.seconds:.0f}s"
+                       f"{'' if tuning.kept else '; not better, untuned scales kept'}")
 
 
 def _quantize_cache(model: Path, output: Path, config, *, overwrite: bool) -> None:

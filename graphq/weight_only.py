@@ -78,6 +78,7 @@ from graphq.passes.qdq_insert import constant_weight, has_constant_weight
 from graphq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass, own_constant
 from graphq.passes.weight_only_emit import WeightOnlyEmissionPass, WeightOnlyEmitConfig
 from graphq.runtime import check_token_ids, embedding_rows, signature_of_model
+from graphq.scale_tuning import ScaleTuningConfig, TuningReport, tune_scales
 from graphq.verify import verify_model_file
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,9 @@ class WeightOnlyRecipe:
     calibration: CalibrationConfig = CalibrationConfig(windows=16)
     float_nodes: tuple[str, ...] = ()
     grid: str = "uniform"
+    # After the codes are fixed: the group scales trained end to end against the float model
+    # (graphq.scale_tuning); steps 0 leaves them as RTN/GPTQ/AWQ set them.
+    tuning: ScaleTuningConfig = ScaleTuningConfig()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -189,6 +193,9 @@ class WeightOnlyRecipe:
             raise GraphqError(f"weight-only embedding_bits must be 4 or 8 (GatherBlockQuantized), got {self.embedding_bits}")
         if self.embedding not in EMBEDDING_MODES:
             raise GraphqError(f"weight-only embedding must be one of {EMBEDDING_MODES}, got '{self.embedding}'")
+        if self.tuning.steps and (self.grid != "uniform" or self.weights.float_zero_points):
+            raise GraphqError("scale tuning trains the scales of uniform grids with integer zero points; "
+                              "not the cube-root grid or float zero points")
         if self.weights.float_zero_points and self.emit.format != "matmulnbits":
             raise GraphqError(f"float zero points are emitted as MatMulNBits only (DequantizeLinear takes integer zero "
                               f"points), not as format '{self.emit.format}'")
@@ -245,6 +252,7 @@ class WeightOnlyResult:
     float_bytes: int
     file_bytes: int
     seconds: float
+    tuning: TuningReport | None = None
 
     def to_json(self) -> dict:
         from graphq.config import recipe_to_dict
@@ -254,6 +262,7 @@ class WeightOnlyResult:
             "quantized_nodes": list(self.quantized_nodes), "float_nodes": list(self.float_nodes),
             "quantized_weights": self.quantized_weights, "file_bytes": self.file_bytes,
             "size_breakdown": self.size_breakdown(), "seconds": round(self.seconds, 2),
+            "tuning": dataclasses.asdict(self.tuning) if self.tuning else None,
         }
 
     def size_breakdown(self) -> dict:
@@ -459,6 +468,10 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
         logger.info("weight-only: %d MatMuls have no constant weight and stay float (e.g. %s)", len(non_constant), non_constant[0])
     tied = _tied_heads(graph, planned, recipe)
     planned_names = [node.name for node in planned]
+    if recipe.tuning.steps and streamed:
+        raise GraphqError(f"{source}: scale tuning trains the whole model in memory; it does not run streamed "
+                          "(a model this large is beyond CPU tuning)")
+    tuning_report = None
     with staging_dir(output) as staging:
         sink = ExternalDataSink(staging, output.name + ".data") if streamed else None
         summary: dict[str, tuple[int, float]] = {}  # node -> (weights, bits of the size bound)
@@ -474,7 +487,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             _emit(graph, batch, recipe)
             sink.spill_new(graph.graph)
 
-        if recipe.method != "rtn":
+        if recipe.method != "rtn" or recipe.tuning.steps:
             tokenizer = load_tokenizer(source, tokenizer_dir)
             windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
             check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
@@ -528,6 +541,15 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             done(tied_quantized)
             del tied_quantized
         weights = sum(summary[name][0] for name in planned_names)
+        if recipe.tuning.steps:
+            tuning = dataclasses.replace(recipe.calibration, windows=recipe.tuning.windows,
+                                         window_tokens=recipe.tuning.window_tokens)
+            tuning_windows = calibration_windows(tokenizer, tuning, window_framing(graph))
+            tables = {table: quantized[name].dequantize().T for name, (table, _) in tied.items()}
+            tuned, tuning_report = tune_scales(source, graph, {n: q for n, q in quantized.items() if n not in tied},
+                                               tables, tuning_windows, recipe.tuning)
+            quantized.update(tuned)
+            del tuned, tables
         if sink is None:
             quantized = {name: quantized[name] for name in planned_names}  # graph order, whatever the method
             _emit(graph, quantized, recipe)
@@ -570,7 +592,8 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
     result = WeightOnlyResult(model_path=output, recipe=recipe, quantized_nodes=tuple(planned_names), float_nodes=tuple(kept),
                               quantized_weights=weights + embedded,
                               weight_bits=embedded_bits + sum(summary[name][1] for name in planned_names),
-                              float_bytes=float_bytes, file_bytes=file_bytes, seconds=time.perf_counter() - start)
+                              float_bytes=float_bytes, file_bytes=file_bytes, seconds=time.perf_counter() - start,
+                              tuning=tuning_report)
     logger.info("weight-only %s: %d MatMuls in %.1fs%s, %s", recipe.name, len(planned_names), result.seconds,
                 " (streamed)" if streamed else "", result.size_breakdown())
     return result
