@@ -31,7 +31,8 @@ def float_ppl(tiny_llama_onnx):
 @pytest.mark.parametrize("name", WEIGHT_ONLY)
 def test_recipe_end_to_end(name, tiny_llama_onnx, float_ppl, tmp_path):
     recipe = dataclasses.replace(RECIPES[name], calibration=SMALL,
-                                 weights=dataclasses.replace(RECIPES[name].weights, group_size=min(RECIPES[name].weights.group_size, 32)))
+                                 weights=dataclasses.replace(RECIPES[name].weights, group_size=min(RECIPES[name].weights.group_size, 32)),
+                                 tuning=dataclasses.replace(RECIPES[name].tuning, steps=min(RECIPES[name].tuning.steps, 3), window_tokens=64))
     before = sha256_tree(tiny_llama_onnx.parent)
     out = tmp_path / "w" / "model.onnx"
 
