@@ -330,7 +330,7 @@ def quantize(model: Path, output: Path, recipe_name: str | None, kv_cache: str |
         )
         if result.tuning is not None:
             tuning = result.tuning
-            click.echo(f"  scale tuning: held-out distillation loss {tuning.loss_before:.4f} -> {tuning.loss_after:.4f} "
+            click.echo(f"  scale tuning: held-out distillation loss {tuning.loss_before:.4g} -> {tuning.loss_after:.4g} "
                        f"over {tuning.tuned_weights} weights in {tuning.seconds:.0f}s"
                        f"{'' if tuning.kept else '; not better, untuned scales kept'}")
 

@@ -76,8 +76,8 @@ class _Tunable:
         self.quantized = quantized
         rows = quantized.group_of_rows()
         self.rows = torch.from_numpy(rows.astype(np.int64))
-        centred = quantized.q.astype(np.float32) - quantized.zero_points[rows].astype(np.float32)
-        self.codes = torch.from_numpy(centred)
+        centred = quantized.q.astype(np.int16) - quantized.zero_points[rows].astype(np.int16)  # |c| <= 255
+        self.codes = torch.from_numpy(centred.astype(np.int16 if quantized.config.bits == 8 else np.int8))
         self.scales = torch.from_numpy(quantized.scales.astype(np.float32))
         self.theta = torch.zeros_like(self.scales, requires_grad=True)
         self.dtype = dtype
@@ -154,7 +154,7 @@ def tune_scales(source: Path, student_graph: ir.Model, quantized: dict[str, Quan
             loss.backward()
             optimiser.step()
             if step % 25 == 0 or step + 1 == config.steps:
-                logger.info("scale tuning: step %d/%d, loss %.4f (%.0fs)", step + 1, config.steps, loss.item(),
+                logger.info("scale tuning: step %d/%d, loss %.4g (%.0fs)", step + 1, config.steps, loss.item(),
                             time.perf_counter() - start)
         after = held_out_loss()
     finally:
@@ -165,9 +165,9 @@ def tune_scales(source: Path, student_graph: ir.Model, quantized: dict[str, Quan
     report = TuningReport(tuned_weights=len(tunables), loss_before=before, loss_after=after, kept=kept,
                           seconds=time.perf_counter() - start)
     if kept:
-        logger.info("scale tuning: held-out distillation loss %.4f -> %.4f over %d weights in %.0fs",
+        logger.info("scale tuning: held-out distillation loss %.4g -> %.4g over %d weights in %.0fs",
                     before, after, len(tunables), report.seconds)
     else:
-        logger.warning("scale tuning: held-out distillation loss did not improve (%.4f -> %.4f); kept the untuned scales",
+        logger.warning("scale tuning: held-out distillation loss did not improve (%.4g -> %.4g); kept the untuned scales",
                        before, after)
     return {name: result[name] for name in quantized}, report

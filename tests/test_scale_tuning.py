@@ -25,12 +25,26 @@ def test_tuned_weight_at_zero_is_the_dequantized_weight():
     w = np.random.default_rng(0).normal(size=(80, 6)).astype(np.float32)
     q = quantize_rtn(w, dataclasses.replace(W4, symmetric=False), pad=True)
     rows = q.group_of_rows()
-    codes = torch.from_numpy(q.q.astype(np.float32) - q.zero_points[rows].astype(np.float32))
+    codes = torch.from_numpy((q.q.astype(np.int16) - q.zero_points[rows].astype(np.int16)).astype(np.int8))
     scales = torch.from_numpy(q.scales)
     got = tuned_weight(codes, scales, torch.zeros_like(scales), torch.from_numpy(rows))
     np.testing.assert_allclose(got.numpy(), q.dequantize(), rtol=1e-6, atol=1e-7)
     theta = torch.full_like(scales, 0.5)
     np.testing.assert_allclose(tuned_weight(codes, scales, theta, torch.from_numpy(rows)).numpy(), 1.5 * q.dequantize(), rtol=1e-6)
+
+
+def test_tuned_weight_gradient_is_the_product_rule():
+    rng = np.random.default_rng(2)
+    codes = torch.from_numpy(rng.integers(-8, 8, size=(10, 3)).astype(np.int8))
+    rows = torch.from_numpy(np.arange(10) // 4)  # groups of 4, the last one short
+    base = torch.from_numpy(rng.uniform(0.5, 1.5, size=(3, 3)))
+    theta = torch.from_numpy(rng.normal(scale=0.1, size=(3, 3))).requires_grad_(True)
+    upstream = torch.from_numpy(rng.normal(size=(10, 3)))
+    (tuned_weight(codes, base, theta, rows) * upstream).sum().backward()
+    reference = theta.detach().clone().requires_grad_(True)
+    (codes.double() * (base * (1 + reference)).index_select(0, rows) * upstream).sum().backward()
+    torch.testing.assert_close(theta.grad, reference.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: tuned_weight(codes, base, t, rows), (theta.detach().clone().requires_grad_(True),))
 
 
 def test_distillation_loss_is_the_mean_token_kl():
