@@ -164,3 +164,15 @@ def test_cli_tune_steps(tiny_llama_onnx, tmp_path, capsys):
                  ["--recipe", "w4-rtn", "--tune-steps", "-1"]):
         assert main(["quantize", str(tiny_llama_onnx), "-o", str(tmp_path / "bad" / "model.onnx"), *args]) == 1
         assert not (tmp_path / "bad" / "model.onnx").exists()
+
+
+def test_tuning_is_deterministic(tiny_llama_onnx, untuned, tmp_path):
+    from conftest import sha256_tree
+
+    recipe = dataclasses.replace(untuned.recipe, tuning=ScaleTuningConfig(steps=3, window_tokens=64, held_out=2))
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run / "model.onnx"
+        quantize_weights(tiny_llama_onnx, out, recipe, progress=False)
+        digests.append(list(sha256_tree(out).values()))
+    assert digests[0] == digests[1]
