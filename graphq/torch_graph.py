@@ -226,6 +226,13 @@ class TorchGraph:
             raise UnsupportedModelError(f"cannot evaluate the graph with PyTorch: unsupported ops {', '.join(unsupported)}")
         self.graph = graph
         self._constants: dict[str, torch.Tensor] = {}
+        # value name -> index of the last node that reads it: dropped after that node (autograd keeps
+        # what the backward pass needs; the rest, e.g. attention masks and scores, is freed at once)
+        self._last_use: dict[str, int] = {}
+        for index, node in enumerate(graph):
+            for value in node.inputs:
+                if value is not None and value.name:
+                    self._last_use[value.name] = index
 
     def constant(self, name: str) -> torch.Tensor:
         """The initializer ``name`` as a tensor (read once, then cached)."""
@@ -254,11 +261,15 @@ class TorchGraph:
                     raise UnsupportedModelError(f"value '{value.name}' has no producer, feed or initializer")
             return values[value.name]
 
-        for node in self.graph:
+        keep = set(wanted)
+        for index, node in enumerate(self.graph):
             if all(out.name in values for out in node.outputs):
                 continue  # overridden
             results = TORCH_OPS[node.op_type](node, [read(v) for v in node.inputs])
             for out, result in zip(node.outputs, results):
                 if out.name and out.name not in overrides:
                     values[out.name] = result
+            for value in node.inputs:
+                if value is not None and self._last_use.get(value.name) == index and value.name not in keep:
+                    values.pop(value.name, None)
         return {name: values[name] for name in wanted}
