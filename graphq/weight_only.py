@@ -33,6 +33,9 @@
    clip search evaluated on the same levels) rounds on the cube-root companded grid instead
    (:mod:`graphq.numerics.companding`: levels ``sigma (q - 2^(b-1))^3``); a tied LM head that
    shares its codes with the embedding stays uniform (``embedding_bits``), like ``w4-rtn``'s.
+   With ``tuning.steps`` > 0 (recipe ``w4-gptq-tuned``), the codes then stay fixed and every group scale
+   is trained end to end so that the quantized model's next-token distribution matches the float
+   model's on calibration windows (:mod:`graphq.scale_tuning`).
 3. Emit ``MatMulNBits`` or blockwise ``DequantizeLinear`` (:mod:`graphq.passes.weight_only_emit`), or for
    cube-root weights a codebook ``Gather`` or ``DequantizeLinear`` + ``Pow(., 3)``
    (:mod:`graphq.passes.cuberoot_emit`), clean up, save to a staging folder, verify (checker + ORT
