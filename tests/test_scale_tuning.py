@@ -161,6 +161,7 @@ def test_cli_tune_steps(tiny_llama_onnx, tmp_path, capsys):
     assert report["recipe"]["tuning"]["steps"] == 3 and report["tuning"]["tuned_weights"] == 14
     assert "scale tuning: held-out distillation loss" in capsys.readouterr().out
     for args in (["--recipe", "w4-rtn-g32-fzp", "--tune-steps", "3"], ["--recipe", "w8a8", "--tune-steps", "3"],
+                 ["--recipe", "mixed", "--tune-steps", "3"],
                  ["--recipe", "w4-rtn", "--tune-steps", "-1"]):
         assert main(["quantize", str(tiny_llama_onnx), "-o", str(tmp_path / "bad" / "model.onnx"), *args]) == 1
         assert not (tmp_path / "bad" / "model.onnx").exists()
