@@ -115,7 +115,8 @@ def tune_scales(source: Path, student_graph: ir.Model, quantized: dict[str, Quan
         torch.set_num_threads(config.threads)
     try:
         teacher = cpu_session(source, threads=config.threads or 0)
-        output = signature_of_model(student_graph).main_output
+        signature = signature_of_model(student_graph)
+        output = signature.main_output
         evaluate = TorchGraph(student_graph)
         nodes = {node.name: node for node in student_graph.graph if node.name in quantized}
         missing = sorted(set(quantized) - set(nodes))
@@ -126,13 +127,9 @@ def tune_scales(source: Path, student_graph: ir.Model, quantized: dict[str, Quan
             dtype = torch_dtype(node.inputs[1].const_value.dtype) if node.inputs[1].const_value is not None else torch.float32
             tunables[node.inputs[1].name] = _Tunable(quantized[name], dtype)
         fixed = {name: torch.from_numpy(np.ascontiguousarray(table)) for name, table in fixed_tables.items()}
-        signature = signature_of_model(student_graph)
-
-        def feeds_of(window: np.ndarray) -> dict[str, np.ndarray]:
-            return build_feeds(signature, window[None, :])
 
         def loss_on(window: np.ndarray) -> torch.Tensor:
-            feeds = feeds_of(window)
+            feeds = build_feeds(signature, window[None, :])
             with torch.no_grad():
                 target = torch.from_numpy(teacher.run([output], feeds)[0])
             overrides = {**fixed, **{name: t.weight() for name, t in tunables.items()}}

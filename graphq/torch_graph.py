@@ -15,7 +15,6 @@ Softmax attention); an op outside it is refused by name before anything runs. No
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -23,11 +22,6 @@ import onnx_ir as ir
 import torch
 
 from graphq.errors import UnsupportedModelError
-
-logger = logging.getLogger(__name__)
-
-INT64_MAX = np.iinfo(np.int64).max
-
 
 def torch_dtype(data_type: ir.DataType) -> torch.dtype:
     """The torch dtype of an ONNX element type."""

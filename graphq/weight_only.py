@@ -492,6 +492,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
 
         if recipe.method != "rtn" or recipe.tuning.steps:
             tokenizer = load_tokenizer(source, tokenizer_dir)
+        if recipe.method != "rtn":
             windows = calibration_windows(tokenizer, recipe.calibration, window_framing(graph))
             check_token_ids(windows, embedding_rows(graph), tokenizer_dir or source.parent)
         if tied:
@@ -548,6 +549,7 @@ def quantize_weights(model: str | os.PathLike, output: str | os.PathLike, recipe
             tuning = dataclasses.replace(recipe.calibration, windows=recipe.tuning.windows,
                                          window_tokens=recipe.tuning.window_tokens)
             tuning_windows = calibration_windows(tokenizer, tuning, window_framing(graph))
+            check_token_ids(tuning_windows, embedding_rows(graph), tokenizer_dir or source.parent)
             tables = {table: quantized[name].dequantize().T for name, (table, _) in tied.items()}
             tuned, tuning_report = tune_scales(source, graph, {n: q for n, q in quantized.items() if n not in tied},
                                                tables, tuning_windows, recipe.tuning)
